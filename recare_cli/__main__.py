@@ -1,0 +1,3 @@
+from recare_cli.cli import main
+
+main()

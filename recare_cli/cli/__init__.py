@@ -1,0 +1,5 @@
+"""Command-line layer: parses arguments and prints; the work lives in the core modules."""
+
+from recare_cli.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,102 @@
+"""The `recare` Typer app, and the one place that maps exceptions to messages and exit codes."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from recare_cli import __version__
+from recare_cli.cli import cache as cache_cmd
+from recare_cli.cli import generate as generate_cmd
+from recare_cli.cli.common import VERBOSE
+from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, RecareError
+
+INTERRUPTED = 130
+
+
+def _error_line(message: str, hint: str | None = None) -> None:
+    text = f"Error: {message}" + (f" — {hint}" if hint else "")
+    click.echo(" ".join(text.split("\n")), err=True)
+
+
+class RecareGroup(TyperGroup):
+    """Runs every command with one exception handler, also under CliRunner in tests."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            _error_line(exc.format_message() + where)
+            code = EXIT_USAGE
+        except click.exceptions.Abort:
+            _error_line("interrupted")
+            code = INTERRUPTED
+        except KeyboardInterrupt:
+            _error_line("interrupted; finished work is kept and a rerun continues from it")
+            code = INTERRUPTED
+        except RecareError as exc:
+            if VERBOSE["on"]:
+                traceback.print_exc()
+            _error_line(exc.message, exc.hint)
+            code = exc.exit_code
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+            if VERBOSE["on"]:
+                traceback.print_exc()
+            _error_line(f"unexpected {type(exc).__name__}: {exc}", "rerun with --verbose for the traceback")
+            code = EXIT_ERROR
+        else:
+            code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    name="recare",
+    cls=RecareGroup,
+    help="Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+COMMANDS = {
+    "generate": generate_cmd.generate,
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"recare {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).
+
+    Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (e.g. offline and not cached).
+    """
+    from recare_cli.config import default_map, load_config
+
+    ctx.default_map = default_map(load_config(), [*COMMANDS, "cache"])
+
+
+for _name, _func in COMMANDS.items():
+    app.command(_name)(_func)
+app.add_typer(cache_cmd.app, name="cache")
+
+
+def main() -> None:
+    app(prog_name="recare")

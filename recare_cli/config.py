@@ -1,0 +1,52 @@
+"""User defaults from a TOML file (platformdirs user config dir, or the path in RECARE_CONFIG).
+
+Top-level keys set options of every command; a table named after a command sets that command's:
+
+    model = "tiny-random"
+    device = "cpu"
+    [generate]
+    steps = 25
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from recare_cli.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def config_path() -> Path:
+    if os.environ.get("RECARE_CONFIG"):
+        return Path(os.environ["RECARE_CONFIG"])
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("recare")) / "config.toml"
+
+
+def load_config() -> dict:
+    path = config_path()
+    if not path.is_file():
+        if os.environ.get("RECARE_CONFIG"):
+            raise UsageError(f"config file '{path}' (from RECARE_CONFIG) does not exist")
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file '{path}' is not valid TOML: {exc}") from None
+
+
+def default_map(config: dict, commands: list[str]) -> dict:
+    """Click's default_map: per command, the top-level keys overlaid with the command's table."""
+    shared = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
+    result = {}
+    for name in commands:
+        table = config.get(name, {})
+        result[name] = {**shared, **{k.replace("-", "_"): v for k, v in table.items()}}
+    return result

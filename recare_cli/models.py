@@ -1,0 +1,395 @@
+"""Resolving `--model` / `--unet` and loading pipelines: the one module every command uses.
+
+Nothing heavy is imported at module level: the CLI imports this module at start-up.
+
+`--model` is a Hugging Face repo id (through the standard HF cache), a local diffusers folder, a
+single-file checkpoint, or a built-in name (`tiny-random`). Built-ins are written once into
+recare's cache and then loaded exactly like a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from recare_cli import cache
+from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# What a pipeline needs from a hub repo; SD repos also hold multi-GB .ckpt files we never want.
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str  # what the user typed
+    kind: str  # builtin | hub | folder | single-file
+    path: Path
+    revision: str | None = None
+
+    def describe(self) -> dict:
+        return {"model": self.spec, "kind": self.kind, "path": str(self.path), "revision": self.revision}
+
+
+# built-in models ---------------------------------------------------------------------------------
+
+def _package_config(name: str) -> dict:
+    return json.loads((Path(__file__).parent / "data" / f"{name}.json").read_text())
+
+
+def build_tiny_random(folder: Path) -> None:
+    """Write the SD-1.x-shaped random-weight pipeline (shared/spec/tiny-random.md) to `folder`."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recare_cli.clipvocab import build_tokenizer
+
+    config = _package_config("tiny-random")
+    torch.manual_seed(config["seed"])
+    unet = UNet2DConditionModel(**config["unet"])
+    torch.manual_seed(config["seed"] + 1)
+    vae = AutoencoderKL(**config["vae"])
+    torch.manual_seed(config["seed"] + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    with tempfile.TemporaryDirectory() as tokenizer_src:
+        tokenizer = build_tokenizer(Path(tokenizer_src), **config["tokenizer"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler.from_config(config["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# name -> (builder, config name whose hash decides when a cached copy is stale)
+BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "tiny-random": (build_tiny_random, "tiny-random"),
+}
+
+
+def builtin_path(name: str, cache_dir: Path | None = None) -> Path:
+    """The built-in model's folder in recare's cache, building it on first use."""
+    from recare_cli.fsutil import atomic_dir, write_json
+
+    builder, config_name = BUILTIN_MODELS[name]
+    config_text = (Path(__file__).parent / "data" / f"{config_name}.json").read_bytes()
+    digest = hashlib.sha256(config_text).hexdigest()[:16]
+    folder = cache.cache_root(cache_dir) / "models" / name
+    stamp = folder / "recare-builtin.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest:
+        return folder
+    with atomic_dir(folder) as tmp:
+        builder(tmp)
+        write_json(tmp / "recare-builtin.json", {"name": name, "config_sha256": digest})
+    return folder
+
+
+# resolution -----------------------------------------------------------------------------------
+
+def hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def is_offline(offline: bool) -> bool:
+    return offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = False) -> ModelRef:
+    if spec in BUILTIN_MODELS:
+        return ModelRef(spec, "builtin", builtin_path(spec, cache_dir))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise RecareError(
+                f"'{spec}' is not a diffusers pipeline folder (no model_index.json)",
+                hint="pass a folder saved with save_pretrained, a .safetensors/.ckpt file, a hub id or a built-in name",
+            )
+        return ModelRef(spec, "folder", path)
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise RecareError(
+                f"'{spec}' is not a model: a single-file checkpoint must end in .safetensors or .ckpt",
+            )
+        return ModelRef(spec, "single-file", path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _resolve_hub(spec, offline)
+    builtins = ", ".join(BUILTIN_MODELS)
+    raise ModelNotAvailable(
+        f"model '{spec}' not found: no such folder or file, and not a hub id or built-in",
+        hint=f"built-ins: {builtins}",
+    )
+
+
+def _resolve_hub(repo_id: str, offline: bool) -> ModelRef:
+    from huggingface_hub import snapshot_download
+
+    hub_cache = hub_cache_dir()
+    try:
+        folder = snapshot_download(repo_id, cache_dir=hub_cache, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure here just means "not cached"
+        if is_offline(offline):
+            raise ModelNotAvailable(
+                f"model '{repo_id}' is not in the local Hugging Face cache ({hub_cache}) and --offline is set",
+                hint=f"download it once online (`huggingface-cli download {repo_id}`) or pass a local folder",
+            ) from None
+        try:
+            folder = snapshot_download(repo_id, cache_dir=hub_cache, allow_patterns=HUB_PATTERNS)
+        except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all mean unavailable
+            raise ModelNotAvailable(
+                f"model '{repo_id}' could not be downloaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                hint="check the id and your network, or pass a local folder with --model",
+            ) from None
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise RecareError(f"hub model '{repo_id}' in {folder} is not a diffusers pipeline (no model_index.json)")
+    return ModelRef(repo_id, "hub", folder, revision=folder.name)
+
+
+# devices and dtypes ------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not re.fullmatch(r"cuda(:\d+)?", device):
+            raise UsageError(f"--device '{device}' is not a device", hint="use auto, cpu, cuda, cuda:N or mps")
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} asked for, but CUDA is not available here", hint="use --device cpu")
+        return device
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps asked for, but MPS is not available here", hint="use --device cpu")
+    if device not in DEVICES:
+        raise UsageError(f"--device '{device}' is not a device", hint="use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise UsageError(f"--dtype '{dtype}' is not a dtype", hint="use auto, fp32, fp16 or bf16")
+    return table[dtype]
+
+
+# pipelines ----------------------------------------------------------------------------------
+
+def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, single_file_config: str | None = None):
+    """A StableDiffusionPipeline (no safety checker) from a resolved model, on the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if ref.kind == "single-file":
+            return StableDiffusionPipeline.from_single_file(
+                str(ref.path), local_files_only=is_offline(offline), config=single_file_config, **kwargs
+            )
+        return StableDiffusionPipeline.from_pretrained(str(ref.path), local_files_only=True, **kwargs)
+    except RecareError:
+        raise
+    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error = ModelNotAvailable if ref.kind == "single-file" else RecareError
+        raise error(
+            f"could not load model '{ref.spec}': {first_line}",
+            hint="for a single file offline, the base model's config must be cached or given locally"
+            if ref.kind == "single-file" else "is the folder a complete diffusers pipeline?",
+        ) from exc
+
+
+# erased UNet weights (--unet) ----------------------------------------------------------------
+
+UNET_FILE = "unet.safetensors"  # what `recare erase` writes into its run directory
+_WRAPPER_KEYS = ("state_dict", "unet", "model")
+_KEY_PREFIXES = ("module.", "unet.")
+
+
+def resolve_unet(spec: str, cache_dir: Path | None = None) -> Path:
+    """A path to UNet weights: an existing file or folder, or the name of an erased model in the cache."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and (path / UNET_FILE).is_file():
+            return path / UNET_FILE  # a run directory
+        return path
+    run_dir = cache.lookup_erased(cache.cache_root(cache_dir), spec)
+    if run_dir is not None and (run_dir / UNET_FILE).is_file():
+        return run_dir / UNET_FILE
+    raise UsageError(
+        f"--unet '{spec}': no such file or folder, and no erased model of that name in the cache",
+        hint="see `recare cache` for registered names",
+    )
+
+
+def read_unet_state_dict(path: Path) -> dict:
+    import torch
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel.from_pretrained(path).state_dict()
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except RecareError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable weights are a user error, whatever the reason
+        raise RecareError(f"cannot read UNet weights from '{path}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
+        state = next(iter(state.values()))
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RecareError(f"'{path}' does not hold a UNet state dict (name → tensor)")
+    for prefix in _KEY_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def apply_unet_weights(unet, state: dict, source: str) -> None:
+    """Load `state` into `unet`, or fail naming a few mismatched keys."""
+    expected = unet.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    if problems:
+        raise RecareError(
+            f"--unet '{source}' does not fit this model's UNet: {'; '.join(problems)}",
+            hint="was it trained from a different base model? pass that one with --model",
+        )
+    unet.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def load_unet_into(pipe, spec: str, cache_dir: Path | None = None) -> Path:
+    path = resolve_unet(spec, cache_dir)
+    apply_unet_weights(pipe.unet, read_unet_state_dict(path), spec)
+    return path
+
+
+# schedulers -----------------------------------------------------------------------------------
+
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def check_scheduler(name: str | None) -> None:
+    if name is not None and name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler '{name}'", hint=f"choose one of {', '.join(SCHEDULERS)}")
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    check_scheduler(name)
+    if name is None:
+        return
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+# runtime: the common options, as the core sees them ---------------------------------------
+
+@dataclass
+class Runtime:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    offline: bool = False
+    cache_dir: Path | None = None
+
+    def torch_device(self) -> str:
+        return resolve_device(self.device)
+
+    def torch_dtype(self):
+        return resolve_dtype(self.dtype, self.torch_device())
+
+    def resolve(self) -> ModelRef:
+        return resolve_model(self.model, self.cache_dir, self.offline)
+
+    def pipeline(self, unet: str | None = None, scheduler: str | None = None, device: str | None = None):
+        """(pipeline on the device, ModelRef, path of the --unet weights or None)."""
+        quiet_libraries()
+        check_scheduler(scheduler)
+        device = device or self.torch_device()
+        dtype = resolve_dtype(self.dtype, device)
+        ref = self.resolve()
+        pipe = load_pipeline(ref, torch_dtype=dtype, offline=self.offline)
+        unet_path = load_unet_into(pipe, unet, self.cache_dir) if unet else None
+        set_scheduler(pipe, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device), ref, unet_path
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers print their own bars and notices; recare owns the terminal."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    # diffusers >= 0.36 renamed torch_dtype to dtype; older releases only know torch_dtype.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def library_versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from recare_cli import __version__
+
+    found = {"recare": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "open_clip_torch", "accelerate", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found

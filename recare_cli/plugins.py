@@ -1,0 +1,149 @@
+"""Concept types, metrics and methods, registered by plugins through entry points.
+
+A plugin is a callable `hook(register)` published in one of the entry-point groups below; it
+calls `register(obj)` once per thing it adds. recare's own concept types, metrics and methods are
+default plugins loaded through the very same code path, so a third-party plugin can do anything
+a built-in does. Each entry point loads in its own try/except: a broken plugin costs one warning
+(an error with RECARE_STRICT_PLUGINS=1) and the rest of recare keeps working.
+RECARE_LOAD_PLUGINS=a,b loads only the third-party plugins named a and b.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Callable
+
+from recare_cli.errors import RecareError, UsageError
+
+GROUPS = {
+    "recare.concept_types": "concept_types",
+    "recare.metrics": "metrics",
+    "recare.methods": "methods",
+}
+DEFAULT_PLUGINS = [
+    EntryPoint("builtin", "recare_cli.builtins.concept_types:register", "recare.concept_types"),
+    EntryPoint("builtin", "recare_cli.builtins.metrics:register", "recare.metrics"),
+    EntryPoint("builtin", "recare_cli.builtins.methods:register", "recare.methods"),
+]
+
+
+@dataclass(frozen=True)
+class ConceptType:
+    """What recare needs to know to erase a kind of concept."""
+
+    name: str
+    templates: tuple[str, ...]  # textual-inversion captions, each with one "{}"
+    care_style: str  # "photo" or "style": the CARE set's retain prompts
+    initializer_token: str  # default embedding for a new adversarial token
+    target_prompt: str  # images of the target, e.g. "A photo of {}"
+    default_metrics: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An evaluation; `run`'s contract is documented in recare_cli/evaluate.py."""
+
+    name: str
+    run: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """An erasure method; `run`'s contract is documented in recare_cli/erase.py."""
+
+    name: str
+    run: Callable[..., Any]
+    description: str = ""
+
+
+_KINDS = {ConceptType: "concept_types", Metric: "metrics", Method: "methods"}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    group: str
+    source: str  # "builtin" or the distribution name
+    version: str | None
+    registered: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Registry:
+    concept_types: dict[str, ConceptType] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    methods: dict[str, Method] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+
+    def load(self, ep: EntryPoint, source: str, version: str | None, strict: bool, warn) -> None:
+        info = PluginInfo(ep.name, ep.group, source, version)
+        self.plugins.append(info)
+        expected = GROUPS[ep.group]
+
+        def register(obj) -> None:
+            kind = _KINDS.get(type(obj))
+            if kind != expected:
+                raise TypeError(f"group {ep.group} takes {expected}, got {type(obj).__name__}")
+            getattr(self, kind)[obj.name] = obj
+            info.registered.append(obj.name)
+
+        try:
+            ep.load()(register)
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the CLI
+            info.error = f"{type(exc).__name__}: {exc}"
+            if strict:
+                raise RecareError(f"plugin '{ep.name}' ({ep.group}) failed to load: {info.error}") from exc
+            warn(f"plugin '{ep.name}' ({ep.group}) failed to load and was skipped: {info.error}")
+
+    def concept_type(self, name: str) -> ConceptType:
+        return _lookup(self.concept_types, name, "concept type", "--type")
+
+    def metric(self, name: str) -> Metric:
+        return _lookup(self.metrics, name, "metric", "--metric")
+
+    def method(self, name: str) -> Method:
+        return _lookup(self.methods, name, "method", "--method")
+
+
+def _lookup(table: dict, name: str, what: str, flag: str):
+    if name not in table:
+        raise UsageError(f"unknown {what} '{name}'", hint=f"{flag} takes one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def _third_party() -> list[tuple[EntryPoint, str, str | None]]:
+    found = []
+    for group in GROUPS:
+        for ep in entry_points(group=group):
+            dist = getattr(ep, "dist", None)
+            found.append((ep, dist.name if dist else "?", dist.version if dist else None))
+    only = os.environ.get("RECARE_LOAD_PLUGINS")
+    if only is not None:
+        wanted = {name.strip() for name in only.split(",") if name.strip()}
+        found = [item for item in found if item[0].name in wanted or item[1] in wanted]
+    return found
+
+
+def _stderr_warning(message: str) -> None:
+    from recare_cli.output import Reporter
+
+    Reporter().warn(message)
+
+
+@lru_cache(maxsize=1)
+def registry() -> Registry:
+    from recare_cli import __version__
+
+    strict = os.environ.get("RECARE_STRICT_PLUGINS", "") not in ("", "0")
+    reg = Registry()
+    for ep in DEFAULT_PLUGINS:
+        reg.load(ep, "builtin", __version__, strict=True, warn=_stderr_warning)
+    for ep, source, version in _third_party():
+        reg.load(ep, source, version, strict=strict, warn=_stderr_warning)
+    return reg
