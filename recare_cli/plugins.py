@@ -50,6 +50,7 @@ class Metric:
     name: str
     run: Callable[..., Any]
     description: str = ""
+    requires: tuple[str, ...] = ()  # option names checked before any image is generated
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,27 @@ class Registry:
         self.plugins.append(info)
         expected = GROUPS[ep.group]
 
+        added = []
+
         def register(obj) -> None:
             kind = _KINDS.get(type(obj))
             if kind != expected:
                 raise TypeError(f"group {ep.group} takes {expected}, got {type(obj).__name__}")
-            getattr(self, kind)[obj.name] = obj
-            info.registered.append(obj.name)
+            added.append(obj)
 
         try:
             ep.load()(register)
         except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the CLI
-            info.error = f"{type(exc).__name__}: {exc}"
+            # Collapsed to one line: the warning (or error) must stay a single line.
+            info.error = " ".join(f"{type(exc).__name__}: {exc}".split())
             if strict:
                 raise RecareError(f"plugin '{ep.name}' ({ep.group}) failed to load: {info.error}") from exc
             warn(f"plugin '{ep.name}' ({ep.group}) failed to load and was skipped: {info.error}")
+            return
+        # Registered only once the hook has succeeded, so a plugin that fails half-way adds nothing.
+        for obj in added:
+            getattr(self, expected)[obj.name] = obj
+            info.registered.append(obj.name)
 
     def concept_type(self, name: str) -> ConceptType:
         return _lookup(self.concept_types, name, "concept type", "--type")
@@ -117,7 +125,7 @@ def _lookup(table: dict, name: str, what: str, flag: str):
     return table[name]
 
 
-def _third_party() -> list[tuple[EntryPoint, str, str | None]]:
+def _third_party(warn) -> list[tuple[EntryPoint, str, str | None]]:
     found = []
     for group in GROUPS:
         for ep in entry_points(group=group):
@@ -126,6 +134,9 @@ def _third_party() -> list[tuple[EntryPoint, str, str | None]]:
     only = os.environ.get("RECARE_LOAD_PLUGINS")
     if only is not None:
         wanted = {name.strip() for name in only.split(",") if name.strip()}
+        missing = wanted - {ep.name for ep, _, _ in found} - {source for _, source, _ in found}
+        if missing:
+            warn(f"RECARE_LOAD_PLUGINS names {', '.join(sorted(missing))}, which no installed package provides")
         found = [item for item in found if item[0].name in wanted or item[1] in wanted]
     return found
 
@@ -144,6 +155,6 @@ def registry() -> Registry:
     reg = Registry()
     for ep in DEFAULT_PLUGINS:
         reg.load(ep, "builtin", __version__, strict=True, warn=_stderr_warning)
-    for ep, source, version in _third_party():
+    for ep, source, version in _third_party(_stderr_warning):
         reg.load(ep, source, version, strict=strict, warn=_stderr_warning)
     return reg

@@ -1,0 +1,1 @@
+complete --command recare --no-files --arguments "(env _RECARE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) recare)" --condition "env _RECARE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) recare"
