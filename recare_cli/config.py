@@ -42,11 +42,20 @@ def load_config() -> dict:
         raise UsageError(f"config file '{path}' is not valid TOML: {exc}") from None
 
 
+# Keys are written as the options are (`json`, `cache-dir`); click knows some under other names.
+PARAMETER_NAMES = {"json": "json_output"}
+
+
+def _parameter(key: str) -> str:
+    name = key.replace("-", "_")
+    return PARAMETER_NAMES.get(name, name)
+
+
 def default_map(config: dict, commands: list[str]) -> dict:
     """Click's default_map: per command, the top-level keys overlaid with the command's table."""
-    shared = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
+    shared = {_parameter(k): v for k, v in config.items() if not isinstance(v, dict)}
     result = {}
     for name in commands:
         table = config.get(name, {})
-        result[name] = {**shared, **{k.replace("-", "_"): v for k, v in table.items()}}
+        result[name] = {**shared, **{_parameter(k): v for k, v in table.items()}}
     return result

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class GenerateSummary:
     skipped: int
     total: int
     files: list[str] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of an `accelerate launch` run
 
 
 # prompts ---------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def read_prompts(prompts: list[str] | None = None, prompts_file: Path | None = N
 
 def _read_prompts_file(path: Path) -> list[PromptRow]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheet exports start with a BOM
     except OSError as exc:
         raise UsageError(f"cannot read --prompts-file '{path}': {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -101,7 +103,12 @@ def _read_csv(path: Path, text: str) -> list[PromptRow]:
     seed_column = next((c for c in SEED_COLUMNS if c in columns), None)
     rows = []
     for line_no, raw in enumerate(reader, start=2):
-        record = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        if None in raw:  # DictReader puts the cells beyond the header under the key None
+            raise UsageError(
+                f"CSV '{path}' line {line_no} has more cells than the header",
+                hint="quote prompts that contain commas",
+            )
+        record = {k.strip(): (v or "").strip() for k, v in raw.items()}
         if not record["prompt"]:
             continue
         seed = None
@@ -154,13 +161,21 @@ def is_readable_image(path: Path) -> bool:
 
 # generation ---------------------------------------------------------------------------------
 
-def _distributed():
+def _distributed(runtime: Runtime):
     """(rank, world size, state) under `accelerate launch`, else (0, 1, None)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return 0, 1, None
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without cpu=True accelerate forms a process group only over accelerators, and every CPU
+    # process would render every image.
+    state = PartialState(cpu=runtime.torch_device() == "cpu")
+    if state.num_processes != world:
+        raise RecareError(
+            f"accelerate started {world} processes but they formed a group of {state.num_processes}",
+            hint="launch on CUDA devices, or pass --device cpu",
+        )
     return state.process_index, state.num_processes, state
 
 
@@ -181,33 +196,51 @@ def generate(
     if settings.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {settings.steps})")
     jobs = plan_jobs(rows, num_images, seed)
+    created = not Path(output_dir).exists()
     output_dir = ensure_writable_dir(output_dir)
-    pending = [j for j in jobs if settings.overwrite or not is_readable_image(output_dir / j.file)]
-
-    rank, world, state = _distributed()
-    if state is not None:
-        state.wait_for_everyone()  # every process must plan from the same folder state
-    mine = pending[rank::world]
-    if mine:
-        device = str(state.device) if state is not None else None
-        pipe, ref, unet_path = runtime.pipeline(settings.unet, settings.scheduler, device=device)
-        reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {ref.spec} on {pipe.device}")
-        _render(pipe, mine, output_dir, settings, reporter)
-    if state is not None:
-        state.wait_for_everyone()
-    if rank == 0:
-        _write_manifest(output_dir, jobs, {j.file for j in pending}, settings, runtime)
-        write_json(output_dir / RUN_RECORD, {
-            "command": "generate",
-            "arguments": {**asdict(settings), "num_images": num_images, "seed": seed,
-                          "model": runtime.model, **(record or {})},
-            "prompts": [asdict(r) for r in rows],
-            "versions": library_versions(),
-        })
+    try:
+        pending = _generate_missing(jobs, output_dir, runtime, settings, reporter)
+    except BaseException:
+        if created:
+            with suppress(OSError):
+                output_dir.rmdir()  # succeeds only while empty: a failed first run leaves no trace
+        raise
+    if pending is None:
+        return GenerateSummary(str(output_dir), 0, 0, len(jobs), [j.file for j in jobs], main_process=False)
+    _write_manifest(output_dir, jobs, {j.file for j in pending}, settings, runtime)
+    write_json(output_dir / RUN_RECORD, {
+        "command": "generate",
+        "arguments": {**asdict(settings), "num_images": num_images, "seed": seed,
+                      "model": runtime.model, **(record or {})},
+        "prompts": [asdict(r) for r in rows],
+        "versions": library_versions(),
+    })
     return GenerateSummary(str(output_dir), len(pending), len(jobs) - len(pending), len(jobs), [j.file for j in jobs])
 
 
-def _render(pipe, jobs: list[ImageJob], output_dir: Path, settings: GenerateSettings, reporter: Reporter) -> None:
+def _generate_missing(
+    jobs: list[ImageJob], output_dir: Path, runtime: Runtime, settings: GenerateSettings, reporter: Reporter
+) -> list[ImageJob] | None:
+    """Render this process's share of the missing images; the jobs that were missing, or None off the main process."""
+    pending = [j for j in jobs if settings.overwrite or not is_readable_image(output_dir / j.file)]
+    rank, world, state = _distributed(runtime)
+    if state is not None:
+        state.wait_for_everyone()  # every process must plan from the same folder state
+    if rank != 0:
+        reporter = QUIET_REPORTER  # one progress bar and one summary, from the main process
+    mine = pending[rank::world]
+    if mine:
+        # Under accelerate each process owns one accelerator; an explicit --device cpu still wins.
+        device = str(state.device) if state is not None and runtime.device in ("auto", "cuda") else None
+        pipe, ref, _ = runtime.pipeline(settings.unet, settings.scheduler, device=device)
+        reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {ref.spec} on {pipe.device}")
+        render_images(pipe, mine, output_dir, settings, reporter)
+    if state is not None:
+        state.wait_for_everyone()
+    return pending if rank == 0 else None
+
+
+def render_images(pipe, jobs: list[ImageJob], output_dir: Path, settings: GenerateSettings, reporter: Reporter) -> None:
     import torch
 
     with reporter.progress("images", total=len(jobs)) as task, torch.inference_mode():

@@ -122,6 +122,8 @@ def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = Fals
             raise RecareError(
                 f"'{spec}' is not a model: a single-file checkpoint must end in .safetensors or .ckpt",
             )
+        if path.suffix == ".safetensors":
+            _check_safetensors(path, spec)
         return ModelRef(spec, "single-file", path)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _resolve_hub(spec, offline)
@@ -130,6 +132,22 @@ def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = Fals
         f"model '{spec}' not found: no such folder or file, and not a hub id or built-in",
         hint=f"built-ins: {builtins}",
     )
+
+
+def _check_safetensors(path: Path, spec: str) -> None:
+    """Reading the header is cheap; without it a corrupt file fails later as "config not available"."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if not list(handle.keys()):
+                raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
+    except RecareError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise RecareError(
+            f"'{spec}' is not a readable safetensors checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+        ) from None
 
 
 def _resolve_hub(repo_id: str, offline: bool) -> ModelRef:
@@ -141,8 +159,8 @@ def _resolve_hub(repo_id: str, offline: bool) -> ModelRef:
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
         if is_offline(offline):
             raise ModelNotAvailable(
-                f"model '{repo_id}' is not in the local Hugging Face cache ({hub_cache}) and --offline is set",
-                hint=f"download it once online (`huggingface-cli download {repo_id}`) or pass a local folder",
+                f"model '{repo_id}' is not in the local Hugging Face cache ({hub_cache}) and offline mode is on",
+                hint=f"download it once online (`hf download {repo_id}`) or pass a local folder",
             ) from None
         try:
             folder = snapshot_download(repo_id, cache_dir=hub_cache, allow_patterns=HUB_PATTERNS)
@@ -205,8 +223,10 @@ def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, sin
     kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if ref.kind == "single-file":
+            # The base model's configs come from the same HF cache that hub ids resolve through.
             return StableDiffusionPipeline.from_single_file(
-                str(ref.path), local_files_only=is_offline(offline), config=single_file_config, **kwargs
+                str(ref.path), local_files_only=is_offline(offline), config=single_file_config,
+                cache_dir=hub_cache_dir(), **kwargs
             )
         return StableDiffusionPipeline.from_pretrained(str(ref.path), local_files_only=True, **kwargs)
     except RecareError:
@@ -216,7 +236,8 @@ def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, sin
         error = ModelNotAvailable if ref.kind == "single-file" else RecareError
         raise error(
             f"could not load model '{ref.spec}': {first_line}",
-            hint="for a single file offline, the base model's config must be cached or given locally"
+            hint="offline, a single file needs its base model's configs in the Hugging Face cache "
+                 "(`hf download REPO --include '*.json' '*.txt'` once online)"
             if ref.kind == "single-file" else "is the folder a complete diffusers pipeline?",
         ) from exc
 
@@ -276,8 +297,8 @@ def read_unet_state_dict(path: Path) -> dict:
     return state
 
 
-def apply_unet_weights(unet, state: dict, source: str) -> None:
-    """Load `state` into `unet`, or fail naming a few mismatched keys."""
+def apply_unet_weights(unet, state: dict, source: str, argument: str = "--unet") -> None:
+    """Load `state` into `unet`, or fail naming a few mismatched keys (`argument` names where `source` came from)."""
     expected = unet.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -291,7 +312,7 @@ def apply_unet_weights(unet, state: dict, source: str) -> None:
             problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
     if problems:
         raise RecareError(
-            f"--unet '{source}' does not fit this model's UNet: {'; '.join(problems)}",
+            f"{argument} '{source}' does not fit this model's UNet: {'; '.join(problems)}",
             hint="was it trained from a different base model? pass that one with --model",
         )
     unet.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

@@ -24,7 +24,8 @@ def generate(
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's).")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt for every image.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (never changes an image).")] = 1,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per pipeline call (same seeds; pixels may differ by float rounding).")] = 1,
     scheduler: Annotated[Optional[str], typer.Option(
         help="pndm, ddim, ddpm, euler, euler-a, lms, heun, dpm++ or unipc (default: the model's).")] = None,
     unet: Annotated[Optional[str], typer.Option(
@@ -45,6 +46,8 @@ def generate(
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter
     summary = core.generate(rows, output_dir, runtime, settings, num_images, seed, reporter)
+    if not summary.main_process:
+        return
     reporter.result(
         {"output_dir": summary.output_dir, "generated": summary.generated, "skipped": summary.skipped,
          "total": summary.total},

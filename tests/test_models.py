@@ -1,0 +1,371 @@
+"""Resolving and loading `--model` and `--unet`: built-ins, folders, the HF cache, erased weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from recare_cli import cache, models
+from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
+
+TINY_ARGS = ("--model", "tiny-random", "--device", "cpu", "--height", "64", "--width", "64", "--steps", "2")
+
+
+# built-ins ---------------------------------------------------------------------------------------
+
+def test_builtin_is_written_once_and_rebuilt_when_stale(tmp_path, tiny_model):
+    folder = models.builtin_path("tiny-random", tmp_path)
+    assert folder == tmp_path / "models" / "tiny-random"
+    assert (folder / "model_index.json").is_file()
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    first_build = weights.stat().st_mtime_ns
+
+    assert models.builtin_path("tiny-random", tmp_path) == folder
+    assert weights.stat().st_mtime_ns == first_build
+
+    stamp = folder / "recare-builtin.json"
+    stamp.write_text(json.dumps({"name": "tiny-random", "config_sha256": "stale"}))
+    models.builtin_path("tiny-random", tmp_path)
+    assert weights.stat().st_mtime_ns != first_build
+    assert json.loads(stamp.read_text())["config_sha256"] != "stale"
+    # Seeded: every build, here and in the session cache, holds the same weights.
+    assert weights.read_bytes() == (tiny_model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_tiny_random_has_the_specified_architecture(tiny_pipe):
+    assert list(tiny_pipe.unet.config.block_out_channels) == [32, 32, 64]
+    assert tiny_pipe.unet.config.cross_attention_dim == 32
+    assert tiny_pipe.vae_scale_factor == 8
+    assert len(tiny_pipe.tokenizer) == 49408
+    assert tiny_pipe.text_encoder.config.hidden_size == 32
+    assert type(tiny_pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+# --model resolution --------------------------------------------------------------------------
+
+def test_resolve_builtin_and_folder(tiny_model):
+    ref = models.resolve_model("tiny-random")
+    assert (ref.kind, ref.path) == ("builtin", tiny_model)
+    ref = models.resolve_model(str(tiny_model))
+    assert (ref.kind, ref.path) == ("folder", tiny_model)
+
+
+def test_folder_without_model_index_is_not_a_model(tmp_path):
+    with pytest.raises(RecareError, match="no model_index.json") as err:
+        models.resolve_model(str(tmp_path))
+    assert err.value.exit_code == 1
+
+
+@pytest.mark.parametrize("name, content", [("weights.bin", b"x"), ("broken.safetensors", b"garbage")])
+def test_file_that_is_not_a_checkpoint(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(RecareError) as err:
+        models.resolve_model(str(path))
+    assert err.value.exit_code == 1  # a bad file, not a model that could be fetched
+
+
+def test_readable_safetensors_is_a_single_file_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    assert models.resolve_model(str(path)).kind == "single-file"
+
+
+def test_unknown_name_is_not_available(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotAvailable, match="built-ins: tiny-random"):
+        models.resolve_model("no-such-model")
+
+
+# the Hugging Face cache ------------------------------------------------------------------------
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def add_to_hub_cache(home: Path, repo_id: str, folder: Path) -> None:
+    """Store `folder` as `repo_id`'s main revision, in the layout huggingface_hub writes."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / REVISION, ignore=shutil.ignore_patterns("recare-builtin.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch, tiny_model) -> Path:
+    """An HF_HOME whose hub cache holds tiny-random as `org/tiny-sd`."""
+    home = tmp_path / "hf-home"
+    add_to_hub_cache(home, "org/tiny-sd", tiny_model)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return home
+
+
+def test_hub_id_resolves_from_the_cache_offline(hf_home):
+    ref = models.resolve_model("org/tiny-sd", offline=True)
+    assert ref.kind == "hub"
+    assert ref.revision == REVISION
+    assert ref.path == hf_home / "hub" / "models--org--tiny-sd" / "snapshots" / REVISION
+
+
+def test_hf_hub_cache_overrides_hf_home(hf_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(ModelNotAvailable):
+        models.resolve_model("org/tiny-sd", offline=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    assert models.resolve_model("org/tiny-sd", offline=True).revision == REVISION
+
+
+def test_hub_id_not_cached_offline(hf_home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable, match="'org/other' is not in the local Hugging Face cache") as err:
+        models.resolve_model("org/other", offline=False)
+    assert err.value.exit_code == 3
+    assert "hf download org/other" in err.value.hint
+
+
+def test_cli_generates_from_a_cached_hub_id(hf_home, tmp_path, run_cli):
+    out = tmp_path / "images"
+    args = [a if a != "tiny-random" else "org/tiny-sd" for a in TINY_ARGS]
+    result = run_cli("generate", "--prompt", "a cat", *args, "--offline", "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["file"], m["model"]) for m in manifest] == [("a_cat_0.png", "org/tiny-sd")]
+
+
+def test_cli_hub_id_not_cached_exits_3(hf_home, tmp_path, run_cli):
+    out = tmp_path / "images"
+    result = run_cli("generate", "--prompt", "a cat", "--model", "org/missing", "--offline", "--output-dir", out)
+    assert result.exit_code == 3
+    assert result.stderr.startswith("Error: model 'org/missing' is not in the local Hugging Face cache")
+    assert len(result.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+# single-file checkpoints -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ldm_checkpoint(tiny_pipe, tmp_path_factory) -> Path:
+    """tiny-random in the original (LDM) single-file layout, as community checkpoints are."""
+    from safetensors.torch import save_file
+
+    from recare_cli.export import pipeline_to_ldm
+
+    path = tmp_path_factory.mktemp("single-file") / "tiny-ldm.safetensors"
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(tiny_pipe).items()}, str(path))
+    return path
+
+
+def test_single_file_loads_with_a_local_config(ldm_checkpoint, tiny_model, tiny_pipe):
+    ref = models.resolve_model(str(ldm_checkpoint))
+    pipe = models.load_pipeline(ref, offline=True, single_file_config=str(tiny_model))
+    _assert_same_state(pipe.unet.state_dict(), tiny_pipe.unet.state_dict())
+    _assert_same_state(pipe.text_encoder.state_dict(), tiny_pipe.text_encoder.state_dict())
+
+
+def test_cli_single_file_takes_base_configs_from_the_hf_cache(ldm_checkpoint, hf_home, tiny_model, tmp_path,
+                                                               run_cli):
+    args = [a if a != "tiny-random" else str(ldm_checkpoint) for a in TINY_ARGS]
+    missing = run_cli("generate", "--prompt", "a cat", *args, "--offline", "--output-dir", tmp_path / "none")
+    assert missing.exit_code == 3
+    assert "base model's configs in the Hugging Face cache" in missing.stderr
+    assert len(missing.stderr.splitlines()) == 1
+    assert not (tmp_path / "none").exists()
+
+    # diffusers recognises the layout as SD 1.x and reads that repo's configs: here, tiny-random's.
+    add_to_hub_cache(hf_home, "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_model)
+    single = tmp_path / "single"
+    assert run_cli("generate", "--prompt", "a cat", *args, "--offline", "--output-dir", single).exit_code == 0
+    folder = tmp_path / "folder"
+    assert run_cli("generate", "--prompt", "a cat", *TINY_ARGS, "--output-dir", folder).exit_code == 0
+    assert (single / "a_cat_0.png").read_bytes() == (folder / "a_cat_0.png").read_bytes()
+
+
+# devices, dtypes, schedulers -----------------------------------------------------------------
+
+def test_devices_and_dtypes():
+    assert models.resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert models.resolve_device("auto") in ("cpu", "mps")
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            models.resolve_device("cuda:0")
+    for bad in ("gpu", "cuda:x"):
+        with pytest.raises(UsageError, match="is not a device"):
+            models.resolve_device(bad)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("auto", "cuda:1") == torch.float16
+    assert models.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(UsageError):
+        models.resolve_dtype("fp64", "cpu")
+
+
+def test_scheduler_is_swapped_with_the_model_config(tiny_pipe):
+    class Holder:
+        scheduler = tiny_pipe.scheduler
+
+    holder = Holder()
+    models.set_scheduler(holder, "ddim")
+    assert type(holder.scheduler).__name__ == "DDIMScheduler"
+    assert holder.scheduler.config.beta_schedule == "scaled_linear"
+    assert holder.scheduler.config.steps_offset == 1
+    with pytest.raises(UsageError, match="unknown scheduler 'fast'"):
+        models.set_scheduler(holder, "fast")
+
+
+# --unet: erased weights ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def erased_state(tiny_pipe) -> dict:
+    """A UNet state dict that differs from tiny-random's, as an erased model's would."""
+    generator = torch.Generator().manual_seed(7)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in tiny_pipe.unet.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def foreign_unet_file(tmp_path_factory) -> Path:
+    """Weights of a UNet with another architecture (two levels, wider, 64-dim cross-attention)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+    )
+    path = tmp_path_factory.mktemp("foreign") / "foreign.safetensors"
+    save_file(unet.state_dict(), str(path))
+    return path
+
+
+def _assert_same_state(loaded: dict, expected: dict) -> None:
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,  # the reference release: torch.save(unet.state_dict())
+    lambda s: {"state_dict": s},
+    lambda s: {"unet": s, "step": torch.tensor(3)},
+    lambda s: {f"module.{k}": v for k, v in s.items()},
+    lambda s: {"state_dict": {f"unet.{k}": v for k, v in s.items()}},
+], ids=["plain", "state_dict", "unet-with-extras", "module-prefix", "wrapped-unet-prefix"])
+def test_pt_checkpoints_in_every_accepted_layout(tmp_path, erased_state, wrap):
+    path = tmp_path / "ReCARE-Diffusers-UNet.pt"
+    torch.save(wrap(erased_state), path)
+    _assert_same_state(models.read_unet_state_dict(path), erased_state)
+
+
+def test_safetensors_folder_run_dir_and_cache_name(tmp_path, erased_state, tiny_pipe, cache_dir):
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_file(erased_state, str(run_dir / models.UNET_FILE))
+    unet_folder = tmp_path / "unet-folder"
+    unet = type(tiny_pipe.unet).from_config(tiny_pipe.unet.config)
+    unet.load_state_dict(erased_state)
+    unet.save_pretrained(unet_folder)
+    cache.register_erased(cache.cache_root(tmp_path / "cache"), "my-erased", run_dir, {"concept": "cat"})
+
+    assert models.resolve_unet(str(run_dir)) == run_dir / models.UNET_FILE
+    assert models.resolve_unet("my-erased", tmp_path / "cache") == run_dir / models.UNET_FILE
+    for source in (run_dir / models.UNET_FILE, unet_folder):
+        _assert_same_state(models.read_unet_state_dict(source), erased_state)
+
+
+def test_unknown_unet_name(tmp_path):
+    with pytest.raises(UsageError, match="no erased model of that name"):
+        models.resolve_unet("never-registered", tmp_path)
+
+
+def test_pickles_are_loaded_weights_only(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _RunsCode(str(marker))}, path)
+    with pytest.raises(RecareError, match="cannot read UNet weights"):
+        models.read_unet_state_dict(path)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this object would create a file: what a hostile checkpoint could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_file_without_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(RecareError, match="does not hold a UNet state dict"):
+        models.read_unet_state_dict(path)
+
+
+def test_foreign_architecture_names_mismatched_keys(tiny_pipe, foreign_unet_file):
+    state = models.read_unet_state_dict(foreign_unet_file)
+    with pytest.raises(RecareError, match="does not fit this model's UNet") as err:
+        models.apply_unet_weights(tiny_pipe.unet, state, "foreign.safetensors")
+    message = err.value.message
+    assert "missing" in message and "shape mismatch" in message
+    assert "missing (e.g. down_blocks." in message
+    assert "(64,) vs (32,)" in message  # the foreign block is twice as wide
+
+
+def test_runtime_loads_unet_weights_onto_the_base_model(tmp_path, erased_state):
+    path = tmp_path / "erased.pt"
+    torch.save(erased_state, path)
+    pipe, ref, unet_path = models.Runtime("tiny-random", device="cpu").pipeline(unet=str(path), scheduler="ddim")
+    assert (ref.kind, unet_path) == ("builtin", path)
+    _assert_same_state(pipe.unet.state_dict(), erased_state)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_cli_reference_pt_changes_the_images(tmp_path, erased_state, tiny_pipe, run_cli):
+    from PIL import Image
+    import numpy as np
+
+    erased = tmp_path / "ReCARE-Diffusers-UNet.pt"
+    torch.save(erased_state, erased)
+    original = tmp_path / "original.pt"
+    torch.save(tiny_pipe.unet.state_dict(), original)
+
+    def pixels(out: Path, *unet: str):
+        result = run_cli("generate", "--prompt", "a cat", *TINY_ARGS, "--output-dir", out, "--quiet", *unet)
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(out / "a_cat_0.png"))
+
+    base = pixels(tmp_path / "base")
+    assert np.array_equal(pixels(tmp_path / "same", "--unet", str(original)), base)
+    assert not np.array_equal(pixels(tmp_path / "erased", "--unet", str(erased)), base)
+    manifest = json.loads((tmp_path / "erased" / "manifest.jsonl").read_text())
+    assert manifest["unet"] == str(erased)
+
+
+def test_cli_unet_for_another_architecture(tmp_path, foreign_unet_file, run_cli):
+    out = tmp_path / "images"
+    result = run_cli("generate", "--prompt", "a cat", *TINY_ARGS, "--unet", foreign_unet_file, "--output-dir", out)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --unet ")
+    assert "does not fit this model's UNet" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_library_versions_name_the_stack():
+    import diffusers
+
+    from recare_cli import __version__
+
+    versions = models.library_versions()
+    assert versions["diffusers"] == diffusers.__version__
+    assert versions["recare"] == __version__
+    assert {"python", "torch", "transformers", "accelerate"} <= versions.keys()
