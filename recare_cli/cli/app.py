@@ -2,42 +2,69 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
-import click
 import typer
 from typer.core import TyperGroup
 
+try:  # typer >= 0.2x bundles its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer raises click's own
+    from click import exceptions as click_exceptions
+
 from recare_cli import __version__
 from recare_cli.cli import cache as cache_cmd
+from recare_cli.cli import careset as careset_cmd
+from recare_cli.cli import erase as erase_cmd
+from recare_cli.cli import eval as eval_cmd
+from recare_cli.cli import export as export_cmd
 from recare_cli.cli import generate as generate_cmd
+from recare_cli.cli import plugins as plugins_cmd
 from recare_cli.cli.common import VERBOSE
 from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, RecareError
 
 INTERRUPTED = 130
+COMPLETE_VAR = "_RECARE_COMPLETE"
 
 
 def _error_line(message: str, hint: str | None = None) -> None:
     text = f"Error: {message}" + (f" — {hint}" if hint else "")
-    click.echo(" ".join(text.split("\n")), err=True)
+    typer.echo(" ".join(text.split("\n")), err=True)
 
 
 class RecareGroup(TyperGroup):
     """Runs every command with one exception handler, also under CliRunner in tests."""
 
+    def _main_shell_completion(self, ctx_args, prog_name, complete_var=None):
+        # completions/ holds Typer's scripts (recare_cli/devtools.py); add_completion=False means
+        # Typer never registers the matching shell classes, so register them when one calls back.
+        if os.environ.get(complete_var or COMPLETE_VAR):
+            from typer.completion import completion_init
+
+            completion_init()
+        super()._main_shell_completion(ctx_args, prog_name, complete_var)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Exit as exc:
+        except typer.Exit as exc:
             code = exc.exit_code
-        except click.UsageError as exc:
+        except getattr(click_exceptions, "NoArgsIsHelpError", ()) as exc:
+            if exc.format_message():  # rich help is printed while formatting; plain help comes back here
+                typer.echo(exc.format_message(), err=True)
+            code = EXIT_USAGE
+        except click_exceptions.UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
             _error_line(exc.format_message() + where)
             code = EXIT_USAGE
-        except click.exceptions.Abort:
+        except typer.Abort:
             _error_line("interrupted")
             code = INTERRUPTED
+        except click_exceptions.ClickException as exc:  # e.g. a file argument that cannot be opened
+            _error_line(exc.format_message())
+            code = exc.exit_code
         except KeyboardInterrupt:
             _error_line("interrupted; finished work is kept and a rerun continues from it")
             code = INTERRUPTED
@@ -61,7 +88,6 @@ class RecareGroup(TyperGroup):
 app = typer.Typer(
     name="recare",
     cls=RecareGroup,
-    help="Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,6 +96,10 @@ app = typer.Typer(
 
 COMMANDS = {
     "generate": generate_cmd.generate,
+    "careset": careset_cmd.careset,
+    "erase": erase_cmd.erase,
+    "eval": eval_cmd.evaluate,
+    "export": export_cmd.export,
 }
 
 
@@ -96,6 +126,7 @@ def _root(
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)
 app.add_typer(cache_cmd.app, name="cache")
+app.add_typer(plugins_cmd.app, name="plugins")
 
 
 def main() -> None:

@@ -1,0 +1,208 @@
+"""Benchmark of `recare erase` (not a test): wall time and UNet forward passes per stage.
+
+CPU mode (default) runs the whole ReCARE pipeline on `tiny-random` with the reference figure's
+settings (shared/spec/tiny-random.md): 10 erase iterations, 150 inversion steps, 2 rounds,
+2 adversarial concepts, 8 training images at 512 px, a 3-word CARE set. The reference took
+133.8 s on these machines' 2-core CPU; the targets are <= 60 s for the exact method and
+<= 40 s with --prefix-steps 10.
+
+    python bench/erase.py                     # exact method (--prefix-steps 50)
+    python bench/erase.py --prefix-steps 10   # the coarser partial-denoising prefix
+
+GPU mode builds SD-1.4-shaped UNet / VAE / text encoder from their published configs with random
+weights (nothing is downloaded) and runs the default recipe (200 iterations, 3000 inversion steps,
+2 rounds), reporting wall time per stage and peak CUDA memory:
+
+    python bench/erase.py --gpu [--dtype bf16]
+    python bench/erase.py --gpu --dry-run     # the same code path with shrunken models, on a CPU
+
+UNet forward passes are counted in images (a batch of 4 counts 4); image generation is not part
+of the benchmark (the training images are synthetic and given with --images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REFERENCE_SECONDS = 133.8
+REFERENCE_FORWARD_MS = 27.0  # one batch-2 UNet forward on 64x64 latents where the reference was timed
+CARESET = {"bench_care_word": ["A man", "A tree", "A beach"],
+           "bench_care_word_photo": ["A photo of man", "A photo of tree", "A photo of beach"]}
+
+
+def write_inputs(folder: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
+    """Synthetic training images (smooth colour fields, fixed seed) and a 3-word CARE set."""
+    import numpy as np
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, resolution, dtype=np.float32)
+    for i in range(num_images):
+        colours = rng.uniform(0, 255, (3, 3))
+        pixels = (colours[0] * grid[:, None, None] + colours[1] * grid[None, :, None]
+                  + colours[2] * (1 - grid[:, None, None])) / 2
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images / f"train_{i}.png")
+    careset = folder / "careset.json"
+    careset.write_text(json.dumps(CARESET))
+    return images, careset
+
+
+# SD-1.4-shaped models ---------------------------------------------------------------------------
+
+def sd14_configs(dry_run: bool) -> dict:
+    """CompVis/stable-diffusion-v1-4's published configs; `dry_run` keeps the structure, shrinks widths."""
+    unet = dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    if dry_run:
+        unet.update(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=4,
+                    layers_per_block=1, norm_num_groups=32)
+        vae.update(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
+        text.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def build_sd14_random(folder: Path, dry_run: bool) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recare_cli.clipvocab import build_tokenizer
+
+    configs = sd14_configs(dry_run)
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**configs["vae"]), unet=UNet2DConditionModel(**configs["unet"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=build_tokenizer(folder / "tokenizer-src"),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
+                                set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    model_dir = folder / "sd14-random"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
+# running -------------------------------------------------------------------------------------------
+
+def run(model: str, settings: dict, args, workdir: Path):
+    import torch
+
+    from recare_cli.erase.run import EraseRequest, run_erase
+    from recare_cli.models import Runtime
+    from recare_cli.output import HUMAN, QUIET, Reporter
+
+    images, careset = write_inputs(workdir, settings["num_images"], settings["resolution"])
+    request = EraseRequest(
+        concepts=["nudity"], iterations=settings["iterations"], ti_steps=settings["ti_steps"],
+        rounds=settings["rounds"], num_adv_concepts=2, resolution=settings["resolution"], images=images,
+        careset=careset, prefix_steps=args.prefix_steps, output_dir=workdir / "run",
+        checkpoint_every=settings["checkpoint_every"],
+    )
+    runtime = Runtime(model, device=args.device, dtype=args.dtype, offline=True, cache_dir=args.cache_dir)
+    runtime.resolve()  # builds tiny-random on first use: not part of the timing
+    if runtime.torch_device().startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = run_erase(request, runtime, Reporter(HUMAN if args.progress else QUIET))
+    wall = time.perf_counter() - started
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**30 if runtime.torch_device().startswith("cuda") else None
+    return result, wall, peak_cuda
+
+
+def forward_ms(model: str, cache_dir) -> float:
+    """This machine's speed right now: median of 7 batch-2 forwards of the model's UNet on 64x64 latents."""
+    import torch
+
+    from recare_cli.models import Runtime
+
+    pipe, _, _ = Runtime(model, device="cpu", dtype="fp32", offline=True, cache_dir=cache_dir).pipeline()
+    latents = torch.randn(2, 4, 64, 64)
+    embeds = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    times = []
+    with torch.no_grad():
+        for _ in range(7):
+            started = time.perf_counter()
+            pipe.unet(latents, torch.tensor(500), encoder_hidden_states=embeds)
+            times.append(time.perf_counter() - started)
+    return sorted(times)[3] * 1000
+
+
+def report(title: str, result, wall: float, peak_cuda, reference: float | None) -> None:
+    print(title)
+    print(f"{'stage':<14}{'seconds':>10}{'unet images':>14}")
+    for stage, entry in result.stages.items():
+        print(f"{stage:<14}{entry['seconds']:>10.2f}{entry['unet_images']:>14}")
+    stage_total = sum(e["seconds"] for e in result.stages.values())
+    images = sum(e["unet_images"] for e in result.stages.values())
+    print(f"{'stages':<14}{stage_total:>10.2f}{images:>14}")
+    print(f"wall seconds (model loading and outputs included): {wall:.2f}")
+    if reference:
+        print(f"ratio to the reference's {reference} s: {wall / reference:.3f}")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    if peak_cuda is not None:
+        print(f"peak CUDA memory allocated: {peak_cuda:.2f} GiB")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix-steps", type=int, default=50, help="50 = the spec's prefix; fewer = faster")
+    parser.add_argument("--gpu", action="store_true", help="SD-1.4-shaped random models, default recipe")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: shrunken models and recipe, any device")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--progress", action="store_true", help="draw the progress bars")
+    args = parser.parse_args(argv)
+
+    from recare_cli.models import quiet_libraries
+
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="recare-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.gpu:
+            recipe = dict(iterations=200, ti_steps=3000, rounds=2, num_images=8, resolution=512, checkpoint_every=100)
+            if args.dry_run:
+                recipe.update(iterations=2, ti_steps=2, resolution=64, checkpoint_every=1)
+            model = str(build_sd14_random(workdir, args.dry_run))
+            result, wall, peak = run(model, recipe, args, workdir)
+            shape = "shrunken SD-1.4 structure (dry run)" if args.dry_run else "SD-1.4-shaped, random weights"
+            report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {args.prefix_steps}",
+                   result, wall, peak, None)
+        else:
+            recipe = dict(iterations=10, ti_steps=150, rounds=2, num_images=8, resolution=512, checkpoint_every=100)
+            result, wall, peak = run("tiny-random", recipe, args, workdir)
+            calibration = forward_ms("tiny-random", args.cache_dir)
+            print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
+                  f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
+                  "scales every figure below")
+            report(f"tiny-random, {json.dumps(recipe)}, prefix steps {args.prefix_steps}, "
+                   f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, REFERENCE_SECONDS)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,112 @@
+"""`recare erase`: erase concepts with ReCARE (or the ESD baseline) and register the result."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recare_cli.cli.common import Common, with_common
+
+STAGE1 = "Stage 1 (erase + textual inversion)"
+STAGE2 = "Stage 2 (robust erase with the CARE set)"
+INPUTS = "Inputs"
+SPEED = "Speed, resume and outputs"
+
+
+@with_common
+def erase(
+    common: Common,
+    concept: Annotated[list[str], typer.Option(
+        "--concept", "-c", help="Concept to erase (repeatable: several in one run). Presets: nudity, Van Gogh.")],
+    method: Annotated[str, typer.Option(help="recare, or esd (one erase stage, no inversion, no CARE set).")] = "recare",
+    concept_type: Annotated[Optional[str], typer.Option(
+        "--type", help="object, style or person; required for concepts without a preset.")] = None,
+    train_method: Annotated[str, typer.Option(
+        help="UNet weights trained: noxattn, xattn, xattn-strict, selfattn or full.")] = "noxattn",
+    iterations: Annotated[int, typer.Option(help="Erase iterations of every erase stage.")] = 200,
+    negative_guidance: Annotated[float, typer.Option(help="Stage-1 negative guidance (2 = the neutral prediction).",
+                                                     rich_help_panel=STAGE1)] = 2.0,
+    stage1_lr: Annotated[float, typer.Option(help="Stage-1 (and esd) AdamW learning rate.", rich_help_panel=STAGE1)] = 0.5e-5,
+    ti_lr: Annotated[float, typer.Option(help="Textual-inversion learning rate.", rich_help_panel=STAGE1)] = 5e-3,
+    ti_steps: Annotated[int, typer.Option(help="Textual-inversion steps per round.", rich_help_panel=STAGE1)] = 3000,
+    rounds: Annotated[int, typer.Option(help="Erase + inversion rounds (the reference's n_iterations).",
+                                        rich_help_panel=STAGE1)] = 2,
+    initializer_token: Annotated[Optional[str], typer.Option(
+        help="One-token word the adversarial tokens start from (default: the preset's or the type's).",
+        rich_help_panel=STAGE1)] = None,
+    center_crop: Annotated[bool, typer.Option(help="Centre-crop training images before resizing.",
+                                              rich_help_panel=STAGE1)] = False,
+    stage2_lr: Annotated[float, typer.Option(help="Stage-2 AdamW learning rate.", rich_help_panel=STAGE2)] = 2e-5,
+    num_adv_concepts: Annotated[int, typer.Option(help="Learned tokens erased in stage 2.", rich_help_panel=STAGE2)] = 2,
+    compositional_guidance_scale: Annotated[float, typer.Option(
+        help="S: erase concepts get -S, CARE anchors +S (one more than the intended scale).",
+        rich_help_panel=STAGE2)] = 2.0,
+    apg_eta: Annotated[float, typer.Option(help="APG: weight of the guidance part parallel to the prediction.",
+                                           rich_help_panel=STAGE2)] = 1.0,
+    apg_norm_threshold: Annotated[float, typer.Option(help="APG: clip guidance norms to this (0 = off).",
+                                                      rich_help_panel=STAGE2)] = 0.0,
+    apg_momentum: Annotated[float, typer.Option(help="APG: momentum of the guidance direction (0 = off).",
+                                                rich_help_panel=STAGE2)] = 0.0,
+    images: Annotated[Optional[Path], typer.Option(
+        help="Training images of the concept (default: generate --num-images into the run directory).",
+        rich_help_panel=INPUTS)] = None,
+    careset: Annotated[Optional[Path], typer.Option(
+        help="CARE set JSON (default: built from the images with `recare careset`'s method).", rich_help_panel=INPUTS)] = None,
+    num_images: Annotated[int, typer.Option(help="Training images to generate per concept.", rich_help_panel=INPUTS)] = 500,
+    clip_model: Annotated[Optional[str], typer.Option(
+        help="CLIP for building the CARE set (default ViT-B-32; tiny-random for the tiny-random model).",
+        rich_help_panel=INPUTS)] = None,
+    clip_pretrained: Annotated[str, typer.Option(help="open_clip weights tag or file for --clip-model.",
+                                                 rich_help_panel=INPUTS)] = "openai",
+    resolution: Annotated[int, typer.Option(help="Image size for training (latents are 1/8).")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of python random, numpy and torch; images use seed + i.")] = 42,
+    prefix_steps: Annotated[int, typer.Option(
+        help="DDIM steps of the partial-denoising schedule (50 = the method exactly; fewer is faster, approximate).",
+        rich_help_panel=SPEED)] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.",
+                                                  rich_help_panel=SPEED)] = 100,
+    save_pt: Annotated[bool, typer.Option(help="Also write the reference's ReCARE-Diffusers-UNet.pt.",
+                                          rich_help_panel=SPEED)] = False,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        help="Run directory (default runs/<concept>-<method>-<hash>); rerunning resumes it.",
+        rich_help_panel=SPEED)] = None,
+) -> None:
+    """Erase concepts from the model; a rerun of the same command resumes where it stopped.
+
+    Example: recare erase --concept nudity   (generates images, builds the CARE set, trains).
+    """
+    from recare_cli.erase.run import EraseRequest
+    from recare_cli.models import Runtime
+    from recare_cli.plugins import registry
+
+    erase_method = registry().method(method)
+    request = EraseRequest(
+        concepts=concept, method=method, concept_type=concept_type, train_method=train_method,
+        iterations=iterations, negative_guidance=negative_guidance, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
+        ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
+        compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,
+        images=images, careset=careset, num_images=num_images, resolution=resolution, seed=seed,
+        prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
+        apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
+        clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
+        output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
+    )
+    runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
+    reporter = common.reporter
+    result = erase_method.run(request, runtime, reporter)
+
+    def render(console) -> None:
+        console.print(f"erased {', '.join(concept)} ({method}) → {result.unet_path}")
+        if result.tokens:
+            console.print(f"learned tokens: {', '.join(result.tokens)}")
+        console.print(f"registered as '{result.cache_name}' (use it with generate --unet, eval, export)")
+
+    reporter.result(
+        {"run_dir": str(result.run_dir), "unet": str(result.unet_path), "cache_name": result.cache_name,
+         "tokens": result.tokens, "stages": result.stages},
+        render=render,
+    )

@@ -1,0 +1,164 @@
+"""Stage 1, step 2: textual inversion of a new adversarial token (recare-method.md §4.2).
+
+Only the new token's embedding row trains. It is held as its own parameter and written into a
+copy of the embedding matrix inside the forward (`functional_call`), so every other row is never
+touched -- the same result as the reference's "train the whole matrix, restore the other rows",
+since AdamW updates each element independently, without a 49,408-row gradient each step.
+VAE latent distributions depend only on (image, flip) and are computed once each.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from recare_cli.erase.context import EraseModels
+from recare_cli.erase.loop import StageLoop
+from recare_cli.errors import RecareError, UsageError
+
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    steps: int = 3000
+    lr: float = 5e-3  # times the batch size (1), as the reference's scale_lr does
+    resolution: int = 512
+    center_crop: bool = False
+
+
+# tokens ------------------------------------------------------------------------------------
+
+def initializer_id(tokenizer, initializer: str) -> int:
+    ids = tokenizer.encode(initializer, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise UsageError(
+            f"--initializer-token '{initializer}' is {len(ids)} tokens for this tokenizer ({' '.join(pieces) or 'none'}), not one",
+            hint="pick a single common word such as person, art or object",
+        )
+    return ids[0]
+
+
+def new_token_name(seed: int, round_index: int, taken) -> str:
+    """A fresh `token_xxxxxxxx` per round, reproducible from the seed, never one already taken."""
+    rng = random.Random(f"recare-token-{seed}-{round_index}")
+    while True:
+        name = "token_" + "".join(rng.choices(string.ascii_lowercase + string.digits, k=8))
+        if name not in taken:
+            return name
+
+
+def add_token(models: EraseModels, name: str, embedding: torch.Tensor) -> int:
+    """Add `name` to the tokenizer and its embedding row to the text encoder; return its id."""
+    if models.tokenizer.add_tokens([name]) != 1:
+        raise RecareError(f"token '{name}' already exists in the tokenizer")
+    models.text_encoder.resize_token_embeddings(len(models.tokenizer))
+    token_id = models.tokenizer.convert_tokens_to_ids(name)
+    with torch.no_grad():
+        models.text_encoder.get_input_embeddings().weight[token_id] = embedding.to(models.device)
+    models.forget_embeddings()
+    return token_id
+
+
+# images --------------------------------------------------------------------------------------
+
+def round_subset(images: list[Path], rounds: int, round_index: int) -> list[Path]:
+    """Chunk `round_index` of `rounds` consecutive chunks of max(1, N // rounds), wrapping around."""
+    size = max(1, len(images) // rounds)
+    return [images[(round_index * size + j) % len(images)] for j in range(size)]
+
+
+def load_pixels(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
+    """[3, H, W] in [-1, 1], resized bicubically (after an optional centre crop) as the reference does."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as exc:
+        raise RecareError(f"cannot read training image '{path}': {exc}") from None
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class LatentCache:
+    """VAE latent distribution (mean, std) of each (image, flip), encoded on first use."""
+
+    def __init__(self, models: EraseModels, images: list[Path], settings: InversionSettings):
+        self.models = models
+        self.images = images
+        self.settings = settings
+        self._pixels: dict[int, torch.Tensor] = {}
+        self._dists: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def distribution(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (index, flip)
+        if key not in self._dists:
+            if index not in self._pixels:
+                self._pixels[index] = load_pixels(self.images[index], self.settings.resolution, self.settings.center_crop)
+            pixels = self._pixels[index].flip(-1) if flip else self._pixels[index]
+            with self.models.autocast():
+                dist = self.models.vae.encode(pixels.unsqueeze(0).to(self.models.device)).latent_dist
+            self._dists[key] = (dist.mean.float(), dist.std.float())
+        return self._dists[key]
+
+
+# the loop ------------------------------------------------------------------------------------
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """Every image once per epoch, shuffled; a function of (seed, epoch) so a resumed run sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def inversion_stage(models: EraseModels, token_id: int, images: list[Path], templates: tuple[str, ...],
+                    token: str, settings: InversionSettings, loop: StageLoop) -> torch.Tensor:
+    """Learn the embedding of `token` (already added, initialised); return it and write it in."""
+    embedding_matrix = models.text_encoder.get_input_embeddings().weight
+    token_row = torch.nn.Parameter(embedding_matrix[token_id].detach().clone())
+    optimizer = torch.optim.AdamW([token_row], lr=settings.lr)
+    latents_cache = LatentCache(models, images, settings)
+    frozen_matrix = embedding_matrix.detach()
+    matrix_name = next(n for n, p in models.text_encoder.named_parameters() if p is embedding_matrix)
+    start = loop.resume({"token_row": token_row}, optimizer)
+
+    for step in range(start, settings.steps):
+        index = epoch_order(loop.seed, step // len(images), len(images))[step % len(images)]
+        flip = bool(torch.rand(()) < 0.5)
+        caption = random.choice(templates).format(token)
+
+        mean, std = latents_cache.distribution(index, flip)
+        latents_0 = (mean + std * torch.randn_like(mean)) * models.vae_scale
+        noise = torch.randn_like(latents_0)
+        timesteps = torch.randint(0, 999, (1,), device=models.device)
+        latents_t = models.scheduler.add_noise(latents_0, noise, timesteps)
+
+        optimizer.zero_grad(set_to_none=True)
+        matrix_with_token = frozen_matrix.index_put((torch.tensor([token_id], device=models.device),),
+                                                    token_row.unsqueeze(0))
+        with models.autocast():
+            embeds_caption = functional_call(models.text_encoder, {matrix_name: matrix_with_token},
+                                             (models.token_ids([caption]),))[0]
+        eps_pred = models.eps(latents_t, timesteps, embeds_caption)
+        loss = F.mse_loss(eps_pred, noise)
+        loss.backward()
+        optimizer.step()
+        loop.step_done(step, loss=loss)
+
+    learned = token_row.detach().clone()
+    with torch.no_grad():
+        embedding_matrix[token_id] = learned
+    models.forget_embeddings()
+    return learned

@@ -1,0 +1,488 @@
+"""An erase run: inputs, the run directory, stage order, resume, outputs and registration.
+
+Run directory (read by `export`, `eval` and `generate --unet`):
+    unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…)
+    tokens.safetensors         learned tokens, keyed by token string (metadata: tokens, initializer); recare only
+    careset.json               the CARE set used; recare only
+    recare-run.json            manifest: command, parameters, seeds, versions, input hashes, stage timings
+    losses.jsonl               one line per training step
+    images/<concept>/          generated training images (when --images is not given)
+    stages/                    each finished stage's weights: what a rerun resumes from
+    checkpoint.pt              the running stage's periodic checkpoint (deleted when the stage ends)
+    ReCARE-Diffusers-UNet.pt   with --save-pt: torch.save(state_dict), as the reference writes it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from recare_cli.erase.denoise import NSTEPS
+from recare_cli.errors import RecareError, UsageError
+from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
+from recare_cli.models import Runtime
+from recare_cli.output import QUIET_REPORTER, Reporter
+from recare_cli.presets import ConceptPlan, plan_concept, slug
+
+MANIFEST = "recare-run.json"
+TOKENS_FILE = "tokens.safetensors"
+CARESET_FILE = "careset.json"
+PT_FILE = "ReCARE-Diffusers-UNet.pt"
+STAGES_DIR = "stages"
+IMAGES_DIR = "images"
+METHODS = ("recare", "esd")
+AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
+# Fields that change where or how often things are written, never the weights; input folders and
+# files enter the run hash by content (input_hashes), not by path.
+NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset")
+
+
+@dataclass
+class EraseRequest:
+    """Everything `recare erase` was asked; defaults are recare-method.md's."""
+
+    concepts: list[str]
+    method: str = "recare"
+    concept_type: str | None = None
+    train_method: str = "noxattn"
+    iterations: int = 200
+    negative_guidance: float = 2.0
+    stage1_lr: float = 0.5e-5
+    stage2_lr: float = 2e-5
+    ti_lr: float = 5e-3
+    ti_steps: int = 3000
+    rounds: int = 2
+    num_adv_concepts: int = 2
+    compositional_guidance_scale: float = 2.0
+    initializer_token: str | None = None
+    images: Path | None = None
+    careset: Path | None = None
+    num_images: int = 500
+    resolution: int = 512
+    seed: int = 42
+    prefix_steps: int = NSTEPS
+    center_crop: bool = False
+    apg_eta: float = 1.0
+    apg_norm_threshold: float = 0.0
+    apg_momentum: float = 0.0
+    clip_model: str | None = None  # None: tiny-random for the tiny-random base model, else ViT-B-32
+    clip_pretrained: str = "openai"
+    checkpoint_every: int = 100
+    save_pt: bool = False
+    output_dir: Path | None = None
+    command: str | None = None
+
+
+@dataclass
+class EraseResult:
+    run_dir: Path
+    cache_name: str
+    unet_path: Path
+    tokens: list[str]
+    stages: dict = field(default_factory=dict)  # stage -> {seconds, unet_images, reused}
+
+
+# validation ------------------------------------------------------------------------------------
+
+def check_request(request: EraseRequest) -> list[ConceptPlan]:
+    from recare_cli.erase.params import check_train_method
+
+    if request.method not in METHODS:
+        raise UsageError(f"unknown --method '{request.method}'", hint=f"choose one of {', '.join(METHODS)}")
+    if not request.concepts:
+        raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
+    check_train_method(request.train_method)
+    positive = {"--iterations": request.iterations, "--num-images": request.num_images,
+                "--checkpoint-every": request.checkpoint_every}
+    if request.method == "recare":
+        positive |= {"--ti-steps": request.ti_steps}
+        if request.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1 with --method recare (got {request.rounds})",
+                             hint="each round erases and then learns one adversarial token; use --method esd for none")
+        if request.num_adv_concepts < 0:
+            raise UsageError(f"--num-adv-concepts must be 0 or more (got {request.num_adv_concepts})")
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1 (got {value})")
+    if not 1 <= request.prefix_steps <= NSTEPS:
+        raise UsageError(f"--prefix-steps must be between 1 and {NSTEPS} (got {request.prefix_steps})")
+    if request.resolution < 8 or request.resolution % 8:
+        raise UsageError(f"--resolution must be a positive multiple of 8 (got {request.resolution})")
+    for flag, lr in (("--stage1-lr", request.stage1_lr), ("--stage2-lr", request.stage2_lr), ("--ti-lr", request.ti_lr)):
+        if lr <= 0:
+            raise UsageError(f"{flag} must be positive (got {lr})")
+    plans = [plan_concept(c, request.concept_type, request.initializer_token) for c in dict.fromkeys(request.concepts)]
+    if len({p.concept_type for p in plans}) > 1:
+        listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)
+        raise UsageError(f"concepts erased together must share one type: {listed}", hint="pass --type, or run them separately")
+    return plans
+
+
+# hashing -------------------------------------------------------------------------------------------
+
+def _file_digest(path: Path, digest) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def input_hashes(request: EraseRequest) -> dict:
+    from recare_cli.careset import list_images
+
+    hashes = {}
+    if request.images is not None:
+        digest = hashlib.sha256()
+        for image in list_images(request.images):
+            digest.update(image.name.encode())
+            _file_digest(image, digest)
+        hashes["images"] = digest.hexdigest()
+    if request.careset is not None:
+        digest = hashlib.sha256()
+        _file_digest(request.careset, digest)
+        hashes["careset"] = digest.hexdigest()
+    return hashes
+
+
+def parameters(request: EraseRequest) -> dict:
+    return {f.name: getattr(request, f.name) for f in fields(request) if f.name != "command"}
+
+
+def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> str:
+    hashed = {k: v for k, v in parameters(request).items() if k not in NOT_HASHED}
+    payload = {"parameters": hashed, "model": [model["model"], model["revision"]],
+               "dtype": dtype, "inputs": hashes}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# the run ---------------------------------------------------------------------------------------------
+
+class Stages:
+    """Times each stage and counts its UNet images; one progress bar over all of them."""
+
+    def __init__(self, names: list[str], counter, reporter: Reporter, previous: dict, on_record):
+        self.names = names
+        self.counter = counter
+        self.reporter = reporter
+        self.record = {k: v for k, v in previous.items() if k in names}
+        self.on_record = on_record
+        self._outer = None
+
+    @contextmanager
+    def outer(self):
+        with self.reporter.progress("stages", total=len(self.names)) as task:
+            self._outer = task
+            yield self
+
+    @contextmanager
+    def stage(self, name: str, total: int | None):
+        """Run one stage's body; yields its progress task."""
+        self.reporter.event("stage_start", stage=name, steps=total)
+        images_before = self.counter.images
+        started = time.perf_counter()
+        with self.reporter.progress(name, total=total) as task:
+            yield task
+        entry = {"seconds": round(time.perf_counter() - started, 3),
+                 "unet_images": self.counter.images - images_before, "reused": False}
+        self.record[name] = entry
+        self.on_record(self.record)
+        self.reporter.event("stage_end", stage=name, **entry)
+        self._outer.advance(1)
+
+    def reused(self, name: str) -> None:
+        self.record.setdefault(name, {})["reused"] = True
+        self.on_record(self.record)
+        self.reporter.event("stage_reused", stage=name)
+        self._outer.advance(1)
+
+
+def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIET_REPORTER) -> EraseResult:
+    from recare_cli.models import library_versions
+
+    plans = check_request(request)
+    is_recare = request.method == "recare"
+    concepts = [p.concept for p in plans]
+    careset_given = None
+    if is_recare and request.careset is not None:
+        careset_given = _read_careset(Path(request.careset))
+    hashes = input_hashes(request)  # also checks that --images holds images
+    ref = runtime.resolve()
+    digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
+    cache_name = f"{slug('-'.join(concepts))}-{digest}"
+    run_dir = Path(request.output_dir or Path("runs") / f"{slug('-'.join(concepts))}-{request.method}-{digest}")
+    ensure_writable_dir(run_dir)
+    previous = _previous_manifest(run_dir, digest)
+
+    manifest = {
+        "command": request.command, "method": request.method, "concepts": concepts,
+        "type": plans[0].concept_type, "model": ref.describe(), "dtype": runtime.dtype,
+        "parameters": parameters(request), "seeds": {"python": request.seed, "numpy": request.seed,
+                                                      "torch": request.seed, "images": request.seed},
+        "versions": library_versions(), "inputs": hashes, "run_hash": digest,
+        "cache_name": cache_name, "status": "running", "stages": previous.get("stages", {}),
+    }
+    models = _load_models(runtime, request)
+    if is_recare:
+        from recare_cli.erase.inversion import initializer_id
+
+        initializer_id(models.tokenizer, plans[0].initializer_token)  # fail before anything is written
+    write_json(run_dir / MANIFEST, manifest)
+
+    def record_stages(record: dict) -> None:  # after every stage, so an interrupted run keeps its timings
+        manifest["stages"] = record
+        write_json(run_dir / MANIFEST, manifest)
+
+    stage_names = _stage_names(request, need_images=request.images is None, need_careset=is_recare and careset_given is None)
+    stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
+    with stages.outer():
+        images_dirs = _training_images(request, plans, run_dir, runtime, stages, reporter)
+        if is_recare:
+            careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
+            _write_careset(run_dir, request, careset, plans)
+        tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
+                        careset if is_recare else None)
+        unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
+    manifest["status"] = "complete"
+    manifest["outputs"] = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    write_json(run_dir / MANIFEST, manifest)
+
+    from recare_cli.cache import cache_root, register_erased
+
+    register_erased(cache_root(runtime.cache_dir), cache_name, run_dir, {
+        "concepts": concepts, "method": request.method, "model": ref.spec, "run_hash": digest,
+        "tokens": [name for name, _ in tokens],
+    })
+    return EraseResult(run_dir, cache_name, unet_path, [name for name, _ in tokens], stages.record)
+
+
+def _previous_manifest(run_dir: Path, digest: str) -> dict:
+    """The manifest of an earlier attempt in `run_dir`, which must have been the same run."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        if any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
+            raise UsageError(f"--output-dir '{run_dir}' is not empty and holds no erase run",
+                             hint="choose an empty or new folder")
+        return {}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RecareError(f"'{path}' is not a valid run manifest", hint="choose another --output-dir") from None
+    if previous.get("run_hash") != digest:
+        raise UsageError(
+            f"'{run_dir}' holds a run with different settings (run hash {previous.get('run_hash')}, now {digest})",
+            hint="rerun with the same settings to resume it, or choose another --output-dir",
+        )
+    return previous
+
+
+def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -> list[str]:
+    names = ["images"] if need_images else []
+    if request.method == "esd":
+        return names + ["erase-0"]
+    names += ["careset"] if need_careset else []
+    for r in range(request.rounds):
+        names += [f"erase-{r}", f"inversion-{r}"]
+    return names + ["robust"]
+
+
+def _load_models(runtime: Runtime, request: EraseRequest):
+    import torch
+
+    from recare_cli.erase.context import EraseModels
+
+    device = runtime.torch_device()
+    autocast = AUTOCAST.get(runtime.dtype)
+    # Trained weights stay in float32; --dtype fp16/bf16 selects autocast for the forwards.
+    pipe, _, _ = replace(runtime, dtype="fp32").pipeline(device=device)
+    return EraseModels.from_pipeline(pipe, device, getattr(torch, autocast) if autocast else None)
+
+
+# inputs: images and CARE set ---------------------------------------------------------------
+
+def _training_images(request, plans, run_dir: Path, runtime: Runtime, stages: Stages, reporter) -> dict[str, Path]:
+    """Concept -> its image folder: --images for all, or generated into the run directory."""
+    if request.images is not None:
+        return {p.concept: Path(request.images) for p in plans}
+    from recare_cli.generate import GenerateSettings, PromptRow, generate
+
+    folders = {p.concept: run_dir / IMAGES_DIR / slug(p.concept) for p in plans}
+    with stages.stage("images", total=None):
+        for plan in plans:
+            generate([PromptRow(plan.image_prompt)], folders[plan.concept], runtime,
+                     GenerateSettings(height=request.resolution, width=request.resolution),
+                     num_images=request.num_images, seed=request.seed, reporter=reporter)
+    return folders
+
+
+def _read_careset(path: Path):
+    from recare_cli.careset import read_careset
+
+    return read_careset(path)
+
+
+def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
+    if request.clip_model:
+        return request.clip_model
+    return "tiny-random" if runtime.model == "tiny-random" else "ViT-B-32"
+
+
+def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages: Stages, reporter):
+    """One CARE set per concept from its images (reused when already built), merged into one."""
+    from recare_cli.careset import CareSet, build_careset
+
+    existing = run_dir / CARESET_FILE
+    if existing.is_file():
+        stages.reused("careset")
+        return _read_careset(existing)
+    anchors, retains, keys = [], [], []
+    with stages.stage("careset", total=None):
+        for plan in plans:
+            built = build_careset(
+                plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
+                prompt_style=plan.care_style, clip_model=_clip_model(request, runtime),
+                clip_pretrained=request.clip_pretrained, seed=request.seed, cache_dir=runtime.cache_dir,
+                offline=runtime.offline, device=runtime.torch_device(), reporter=reporter,
+            )
+            careset = _read_careset(Path(built.path))
+            anchors += careset.anchor
+            retains += careset.retain
+            keys.append(careset.key)
+    return CareSet(anchor=list(dict.fromkeys(anchors)), retain=list(dict.fromkeys(retains)), key="_".join(keys))
+
+
+def _write_careset(run_dir: Path, request: EraseRequest, careset, plans) -> None:
+    """careset.json in the run directory: the user's file as given, or the built one."""
+    target = run_dir / CARESET_FILE
+    if request.careset is not None:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(request.careset, tmp)
+    elif not target.is_file():
+        retain_kind = "painting" if plans[0].care_style == "style" else "photo"
+        write_json(target, {f"{careset.key}_care_word": careset.anchor,
+                            f"{careset.key}_care_word_{retain_kind}": careset.retain})
+
+
+# training ----------------------------------------------------------------------------------------
+
+def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, reporter, careset) -> list[tuple[str, object]]:
+    """Run (or reuse) every training stage; return the learned tokens as (name, embedding)."""
+    from recare_cli.careset import list_images
+    from recare_cli.erase.context import load_into, snapshot
+    from recare_cli.erase.guidance import GuidanceKnobs
+    from recare_cli.erase.inversion import (
+        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, round_subset,
+    )
+    from recare_cli.erase.loop import StageLoop
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.erase.stage1 import EraseSettings, erase_stage
+    from recare_cli.erase.stage2 import robust_erase_stage
+
+    knobs = GuidanceKnobs(request.apg_eta, request.apg_norm_threshold, request.apg_momentum)
+    trainable = select_trainable(models.unet, request.train_method)
+    original = snapshot(trainable)
+    stage_dir = run_dir / STAGES_DIR
+    stage_dir.mkdir(exist_ok=True)
+    concepts = [p.concept for p in plans]
+    tokens: list[tuple[str, object]] = []
+
+    def loop(name: str, total: int, task) -> StageLoop:
+        return StageLoop(run_dir, name, total, request.seed, request.checkpoint_every, reporter, task)
+
+    rounds = request.rounds if request.method == "recare" else 1
+    erase_settings = EraseSettings(request.iterations, request.stage1_lr, request.negative_guidance,
+                                   request.resolution, request.prefix_steps, knobs)
+    images = sorted({img for folder in dict.fromkeys(images_dirs.values()) for img in list_images(folder)})
+    for r in range(rounds):
+        name = f"erase-{r}"
+        done = stage_dir / f"{name}.safetensors"
+        if done.is_file():
+            load_into(trainable, _load_tensors(done)[0])
+            stages.reused(name)
+        else:
+            targets = concepts if r == 0 else [tokens[-1][0]]
+            with stages.stage(name, request.iterations) as task:
+                stage_loop = loop(name, request.iterations, task)
+                erase_stage(models, trainable, targets, erase_settings, stage_loop)
+                _save_tensors(done, trainable)
+                stage_loop.finish()
+        if request.method == "esd":
+            break
+
+        name = f"inversion-{r}"
+        done = stage_dir / f"{name}.safetensors"
+        if done.is_file():
+            saved, meta = _load_tensors(done)
+            token = meta["token"]
+            add_token(models, token, saved[token])
+            tokens.append((token, saved[token]))
+            stages.reused(name)
+            continue
+        token = new_token_name(request.seed, r, set(models.tokenizer.get_vocab()))
+        init_row = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, plans[0].initializer_token)]
+        token_id = add_token(models, token, init_row.detach().clone())
+        with stages.stage(name, request.ti_steps) as task:
+            stage_loop = loop(name, request.ti_steps, task)
+            learned = inversion_stage(models, token_id, round_subset(images, request.rounds, r), plans[0].templates, token,
+                                      InversionSettings(request.ti_steps, request.ti_lr, request.resolution, request.center_crop),
+                                      stage_loop)
+            _save_tensors(done, {token: learned}, {"token": token})
+            stage_loop.finish()
+        tokens.append((token, learned))
+
+    if request.method == "recare":
+        name = "robust"
+        done = stage_dir / f"{name}.safetensors"
+        if done.is_file():
+            load_into(trainable, _load_tensors(done)[0])
+            stages.reused(name)
+        else:
+            load_into(trainable, original)
+            erase_list = concepts + [t for t, _ in tokens[: request.num_adv_concepts]]
+            settings = EraseSettings(request.iterations, request.stage2_lr, request.compositional_guidance_scale,
+                                     request.resolution, request.prefix_steps, knobs)
+            with stages.stage(name, request.iterations) as task:
+                stage_loop = loop(name, request.iterations, task)
+                robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
+                _save_tensors(done, trainable)
+                stage_loop.finish()
+    return tokens
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def _load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+
+
+# outputs ---------------------------------------------------------------------------------------
+
+def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: dict, tokens) -> Path:
+    import torch
+
+    from recare_cli import __version__
+    from recare_cli.models import UNET_FILE
+
+    state = {k: v.detach().cpu().contiguous() for k, v in models.unet.state_dict().items()}
+    metadata = {"concept": ", ".join(p.concept for p in plans), "method": request.method,
+                "base_model": model["model"], "base_revision": str(model["revision"]), "recare_version": __version__}
+    unet_path = run_dir / UNET_FILE
+    _save_tensors(unet_path, state, metadata)
+    if tokens:
+        _save_tensors(run_dir / TOKENS_FILE, dict(tokens),
+                      {"tokens": json.dumps([t for t, _ in tokens]), "initializer": plans[0].initializer_token})
+    if request.save_pt:
+        with atomic_path(run_dir / PT_FILE) as tmp:
+            torch.save(state, tmp)
+    return unet_path

@@ -1,0 +1,68 @@
+"""Known concepts, so `recare erase --concept nudity` needs no other input (recare-method.md §8).
+
+A preset fixes the concept type, the initializer of the adversarial tokens and the prompt whose
+images stand for the concept; any other concept takes the same three from its `--type`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from recare_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    concept_type: str
+    initializer_token: str
+    image_prompt: str
+
+
+PRESETS = {
+    "nudity": Preset("object", "person", "A photo of a nude person"),
+    "Van Gogh": Preset("style", "art", "A painting in the style of Van Gogh"),
+}
+
+
+@dataclass(frozen=True)
+class ConceptPlan:
+    """Everything a run needs to know about one concept."""
+
+    concept: str
+    concept_type: str
+    templates: tuple[str, ...]
+    care_style: str  # photo | style
+    initializer_token: str
+    image_prompt: str
+    preset: bool
+
+
+def preset_key(concept: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", concept.lower())
+
+
+def slug(concept: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-") or "concept"
+
+
+def plan_concept(concept: str, concept_type: str | None = None, initializer_token: str | None = None) -> ConceptPlan:
+    """The preset for a known concept, else the defaults of `--type` (which is then required)."""
+    from recare_cli.plugins import registry
+
+    if not concept.strip():
+        raise UsageError("--concept is empty")
+    preset = next((p for name, p in PRESETS.items() if preset_key(name) == preset_key(concept)), None)
+    if preset is not None and concept_type in (None, preset.concept_type):
+        kind = registry().concept_type(preset.concept_type)
+        return ConceptPlan(concept, kind.name, kind.templates, kind.care_style,
+                           initializer_token or preset.initializer_token, preset.image_prompt, True)
+    if concept_type is None:
+        known = ", ".join(PRESETS)
+        raise UsageError(
+            f"'{concept}' is not a known concept, so recare cannot guess how to erase it (known: {known})",
+            hint="pass --type object, style or person",
+        )
+    kind = registry().concept_type(concept_type)
+    return ConceptPlan(concept, kind.name, kind.templates, kind.care_style,
+                       initializer_token or kind.initializer_token, kind.target_prompt.format(concept), False)

@@ -1,0 +1,277 @@
+"""The ReCARE method's pieces against hand-computed values and the tiny-random model."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from recare_cli.erase.guidance import (
+    GuidanceKnobs, MomentumBuffer, compositional_target, proj, single_negative_target, update,
+)
+
+
+def t4(*values) -> torch.Tensor:
+    """A [1, C, 1, 1] tensor: projections act over (C, H, W)."""
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+# guidance ------------------------------------------------------------------------------------
+
+def test_proj_splits_into_parallel_and_orthogonal_parts():
+    d_par, d_orth = proj(t4(3.0, 4.0), t4(2.0, 0.0))
+    assert torch.allclose(d_par, t4(3.0, 0.0))
+    assert torch.allclose(d_orth, t4(0.0, 4.0))
+
+
+def test_proj_is_per_sample():
+    d = torch.cat([t4(1.0, 1.0), t4(1.0, 1.0)])
+    p = torch.cat([t4(1.0, 0.0), t4(0.0, 5.0)])
+    d_par, _ = proj(d, p)
+    assert torch.allclose(d_par, torch.cat([t4(1.0, 0.0), t4(0.0, 1.0)]))
+
+
+def test_update_weights_the_parallel_part_by_eta():
+    d, p = t4(3.0, 4.0), t4(1.0, 0.0)
+    assert torch.allclose(update(d, p), d)
+    assert torch.allclose(update(d, p, GuidanceKnobs(eta=0.5)), t4(1.5, 4.0))
+
+
+def test_update_clips_the_norm_when_a_threshold_is_set():
+    d = t4(3.0, 4.0)  # norm 5
+    assert torch.allclose(update(d, t4(1.0, 0.0), GuidanceKnobs(norm_threshold=2.5)), t4(1.5, 2.0))
+    assert torch.allclose(update(d, t4(1.0, 0.0), GuidanceKnobs(norm_threshold=10.0)), d)
+
+
+def test_momentum_accumulates_the_direction():
+    buffer = MomentumBuffer(0.5)
+    update(t4(1.0, 0.0), t4(1.0, 0.0), GuidanceKnobs(momentum=0.5), buffer)
+    second = update(t4(1.0, 0.0), t4(1.0, 0.0), GuidanceKnobs(momentum=0.5), buffer)
+    assert torch.allclose(second, t4(1.5, 0.0))
+
+
+def test_negative_guidance_two_gives_the_neutral_prediction():
+    eps_pos, eps_neu = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    assert torch.allclose(single_negative_target(eps_pos, eps_neu, 2.0), eps_neu, atol=1e-6)
+    assert torch.allclose(single_negative_target(eps_pos, eps_neu, 1.0), eps_pos)
+
+
+def test_single_negative_target_by_hand():
+    eps_pos, eps_neu = t4(2.0, 0.0), t4(1.0, 1.0)
+    # d = (1, -1); parallel to eps_pos: (1, 0), orthogonal: (0, -1); eta 0.5 -> (0.5, -1)
+    target = single_negative_target(eps_pos, eps_neu, 3.0, GuidanceKnobs(eta=0.5))
+    assert torch.allclose(target, t4(2.0 - 2 * 0.5, 0.0 + 2 * 1.0))
+
+
+def test_compositional_target_by_hand():
+    eps_neu = t4(0.0, 0.0)
+    eps_erase_1, eps_erase_2, eps_anchor = t4(1.0, 0.0), t4(0.0, 2.0), t4(3.0, 3.0)
+    target = compositional_target([eps_erase_1, eps_erase_2, eps_anchor], eps_neu, [-2.0, -2.0, 2.0])
+    # P = (2 - 1) * (3, 3); N = mean of (-3) * (1, 0) and (-3) * (0, 2) = (-1.5, -3)
+    assert torch.allclose(target, t4(3.0 - 1.5, 3.0 - 3.0))
+
+
+def test_compositional_target_without_anchor_is_neutral_plus_negative_mean():
+    eps_neu = t4(1.0, 1.0)
+    target = compositional_target([t4(2.0, 1.0)], eps_neu, [-2.0])
+    assert torch.allclose(target, t4(1.0 - 3.0, 1.0))
+
+
+# schedules -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("items,iterations", [(["a", "b", "c"], 10), (["a", "b"], 6), (["a", "b", "c", "d"], 3)])
+def test_balanced_schedule(items, iterations):
+    from recare_cli.erase.stage2 import balanced_schedule
+
+    schedule = balanced_schedule(items, iterations, np.random.default_rng(0))
+    assert len(schedule) == iterations
+    counts = Counter(schedule)
+    base = iterations // len(items)
+    assert set(counts) <= set(items)
+    assert all(counts[item] in (base, base + 1) for item in items)
+    assert sum(1 for item in items if counts[item] == base + 1) == iterations - base * len(items)
+    assert all(isinstance(item, str) for item in schedule)
+
+
+def test_balanced_schedule_depends_only_on_the_seed():
+    from recare_cli.erase.stage2 import balanced_schedule
+
+    first = balanced_schedule(list("abcdefg"), 40, np.random.default_rng(5))
+    assert first == balanced_schedule(list("abcdefg"), 40, np.random.default_rng(5))
+    assert first != balanced_schedule(list("abcdefg"), 40, np.random.default_rng(6))
+
+
+# partial denoising -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def times(tiny_pipe):
+    from recare_cli.erase.denoise import DDIMTimes
+
+    return DDIMTimes(tiny_pipe.scheduler)
+
+
+def test_training_timestep_is_the_same_fraction_of_the_1000_step_schedule(times):
+    assert times.training_timestep(1) == times.timesteps_1000[20]
+    assert times.training_timestep(48) == times.timesteps_1000[960]
+
+
+def test_prefix_with_50_steps_is_ddim_step_for_step(tiny_pipe, times):
+    from diffusers import DDIMScheduler
+
+    from recare_cli.erase.denoise import partial_denoise
+
+    weights = torch.randn(4, 1, 1)
+
+    def predict(latents, t, embeds):  # a stand-in UNet that depends on latents, t and the prompt
+        return torch.tanh(latents * weights + t / 1000.0) + embeds.mean() * torch.arange(len(latents)).view(-1, 1, 1, 1)
+
+    embeds = torch.randn(2, 3, 5)
+    k = 7
+    latents_T = torch.randn(1, 4, 8, 8)
+    ours = partial_denoise(predict, latents_T, embeds, times, k, prefix_steps=50)
+
+    ddim = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    ddim.set_timesteps(50)
+    latents = latents_T
+    for t in ddim.timesteps[:k]:
+        eps_uncond, eps_cond = predict(torch.cat([latents, latents]), int(t), embeds).chunk(2)
+        latents = ddim.step(eps_uncond + 3 * (eps_cond - eps_uncond), t, latents).prev_sample
+    assert torch.allclose(ours, latents, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 17, 48])
+def test_fewer_prefix_steps_end_at_the_same_noise_level(times, k):
+    exact = times.prefix_timesteps(k, 50)
+    coarse = times.prefix_timesteps(k, 10)
+    assert exact == [*times.timesteps_50[:k], times.timesteps_50[k - 1] - 20]
+    assert coarse[0] == exact[0] and coarse[-1] == exact[-1]
+    assert len(coarse) - 1 == max(1, round(k * 10 / 50))
+    assert coarse == sorted(coarse, reverse=True)
+
+
+# trainable parameters -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["noxattn", "xattn", "xattn-strict", "selfattn", "full"])
+def test_each_train_method_changes_exactly_its_modules(tiny_pipe, method):
+    from recare_cli.erase.params import select_trainable
+
+    unet = copy.deepcopy(tiny_pipe.unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainable = select_trainable(unet, method)
+    names = list(trainable)
+    if method == "xattn-strict":
+        assert names and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in names)
+    if method == "xattn":
+        assert names and all(".attn2." in n for n in names)
+        assert any(".attn2.to_q." in n for n in names) and any(".attn2.to_out." in n for n in names)
+    if method == "noxattn":
+        assert not any("attn2" in n for n in names) and "conv_in.weight" in names
+    if method == "selfattn":
+        assert names and all(".attn1." in n for n in names)
+    if method == "full":
+        assert any("attn2" in n for n in names) and any("attn1" in n for n in names)
+    assert not any("norm" in n.rsplit(".", 2)[-2] for n in names)  # only Linear / Conv2d weights
+
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    torch.manual_seed(0)
+    out = unet(torch.randn(1, 4, 8, 8), torch.tensor(500), encoder_hidden_states=torch.randn(1, 77, 32)).sample
+    out.pow(2).mean().backward()
+    optimizer.step()
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(names)
+
+
+def test_unknown_train_method_is_a_usage_error(tiny_pipe):
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="train-method"):
+        select_trainable(copy.deepcopy(tiny_pipe.unet), "attn3")
+
+
+# training loops on tiny-random ----------------------------------------------------------------
+
+@pytest.fixture
+def models(tiny_pipe):
+    from recare_cli.erase.context import EraseModels
+
+    return EraseModels.from_pipeline(copy.deepcopy(tiny_pipe), "cpu")
+
+
+def _stage1_objective(models, frozen, draws, prompt):
+    """The stage-1 loss on fixed (k, z_T) draws, with z_k and the target from the frozen weights."""
+    from recare_cli.erase.denoise import partial_denoise
+    from recare_cli.erase.guidance import single_negative_target
+
+    embeds_c, embeds_neutral = models.embed([prompt]), models.embed([""])
+    total = 0.0
+    with torch.no_grad():
+        for k, latents_T in draws:
+            latents_k = partial_denoise(lambda *a: models.eps(*a, weights=frozen), latents_T,
+                                        torch.cat([embeds_neutral, embeds_c]), models.times, k, 1)
+            t = models.times.training_timestep(k)
+            eps_pos, eps_neu = models.eps(latents_k.expand(2, -1, -1, -1), t, torch.cat([embeds_c, embeds_neutral]),
+                                          weights=frozen).chunk(2)
+            target = single_negative_target(eps_pos, eps_neu, 2.0)
+            total += torch.nn.functional.mse_loss(models.eps(latents_k, t, embeds_c), target).item()
+    return total / len(draws)
+
+
+def test_erase_loss_falls_on_tiny_random(tiny_pipe, tmp_path):
+    from recare_cli.erase.context import EraseModels, snapshot
+    from recare_cli.erase.loop import StageLoop
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.erase.stage1 import EraseSettings, erase_stage
+
+    pipe = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():  # random weights barely listen to the prompt; make cross-attention count
+        for name, param in pipe.unet.named_parameters():
+            if "attn2.to_out" in name:
+                param.mul_(30)
+    models = EraseModels.from_pipeline(pipe, "cpu")
+    trainable = select_trainable(models.unet, "xattn")
+    frozen = snapshot(trainable)
+    generator = torch.Generator().manual_seed(123)
+    draws = [(int(k), torch.randn(1, 4, 8, 8, generator=generator))
+             for k in torch.randint(1, 49, (6,), generator=generator)]
+    before = _stage1_objective(models, frozen, draws, "a photo of a cat")
+    settings = EraseSettings(iterations=30, lr=1e-4, resolution=64, prefix_steps=1)
+    erase_stage(models, trainable, ["a photo of a cat"], settings, StageLoop(tmp_path, "erase-0", 30, 0, 1000))
+    after = _stage1_objective(models, frozen, draws, "a photo of a cat")
+    assert after < 0.5 * before
+
+
+def test_inversion_moves_only_the_new_token_row(models, tmp_path):
+    from PIL import Image
+
+    from recare_cli.builtins.concept_types import OBJECT_TEMPLATES
+    from recare_cli.erase.inversion import InversionSettings, add_token, initializer_id, inversion_stage
+    from recare_cli.erase.loop import StageLoop
+
+    for i in range(2):
+        Image.fromarray(np.full((48, 40, 3), 60 * i + 30, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    init = initializer_id(models.tokenizer, "person")
+    weight = models.text_encoder.get_input_embeddings().weight
+    token_id = add_token(models, "token_testabcd", weight[init].detach().clone())
+    weight = models.text_encoder.get_input_embeddings().weight
+    before = weight.detach().clone()
+    assert torch.equal(before[token_id], before[init])
+
+    learned = inversion_stage(models, token_id, sorted(tmp_path.glob("*.png")), OBJECT_TEMPLATES, "token_testabcd",
+                              InversionSettings(steps=3, lr=5e-2, resolution=64), StageLoop(tmp_path, "inv", 3, 0, 1000))
+    after = models.text_encoder.get_input_embeddings().weight.detach()
+    moved = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [token_id]
+    assert torch.equal(after[token_id], learned)
+
+
+def test_initializer_must_be_one_token(models):
+    from recare_cli.erase.inversion import initializer_id
+    from recare_cli.errors import UsageError
+
+    assert isinstance(initializer_id(models.tokenizer, "person"), int)
+    with pytest.raises(UsageError, match="not one"):
+        initializer_id(models.tokenizer, "a person")
