@@ -7,6 +7,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_MODEL_UNAVAILABLE = 3
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class RecareError(Exception):
@@ -33,3 +34,9 @@ class ModelNotAvailable(RecareError):
     """A model (or classifier, CLIP weights…) is not on disk and cannot be fetched."""
 
     exit_code = EXIT_MODEL_UNAVAILABLE
+
+
+class Interrupted(RecareError):
+    """Ctrl-C: finished work (atomic files, checkpoints) stays, and a rerun continues from it."""
+
+    exit_code = INTERRUPTED

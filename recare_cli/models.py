@@ -53,6 +53,7 @@ def build_tiny_random(folder: Path) -> None:
 
     from recare_cli.clipvocab import build_tokenizer
 
+    quiet_libraries()
     config = _package_config("tiny-random")
     torch.manual_seed(config["seed"])
     unet = UNet2DConditionModel(**config["unet"])

@@ -55,7 +55,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class Method:
-    """An erasure method; `run`'s contract is documented in recare_cli/erase.py."""
+    """An erasure method; `run`'s contract is documented in recare_cli/erase/__init__.py."""
 
     name: str
     run: Callable[..., Any]

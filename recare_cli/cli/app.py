@@ -23,9 +23,9 @@ from recare_cli.cli import export as export_cmd
 from recare_cli.cli import generate as generate_cmd
 from recare_cli.cli import plugins as plugins_cmd
 from recare_cli.cli.common import VERBOSE
-from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, RecareError
+from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, INTERRUPTED, Interrupted, RecareError
 
-INTERRUPTED = 130
+INTERRUPT_MESSAGE = "interrupted; finished work is kept and a rerun continues from it"
 COMPLETE_VAR = "_RECARE_COMPLETE"
 
 
@@ -45,6 +45,13 @@ class RecareGroup(TyperGroup):
 
             completion_init()
         super()._main_shell_completion(ctx_args, prog_name, complete_var)
+
+    def invoke(self, ctx):
+        # Typer would turn Ctrl-C into a silent exit code; make it an error the handler below explains.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(INTERRUPT_MESSAGE) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -66,7 +73,7 @@ class RecareGroup(TyperGroup):
             _error_line(exc.format_message())
             code = exc.exit_code
         except KeyboardInterrupt:
-            _error_line("interrupted; finished work is kept and a rerun continues from it")
+            _error_line(INTERRUPT_MESSAGE)
             code = INTERRUPTED
         except RecareError as exc:
             if VERBOSE["on"]:
