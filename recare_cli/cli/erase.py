@@ -19,9 +19,18 @@ SPEED = "Speed, resume and outputs"
 
 @with_common
 def erase(
+    ctx: typer.Context,
     common: Common,
-    concept: Annotated[list[str], typer.Option(
-        "--concept", "-c", help="Concept to erase (repeatable: several in one run). Presets: nudity, Van Gogh.")],
+    concept: Annotated[Optional[list[str]], typer.Option(
+        "--concept", "-c",
+        help="Concept to erase (repeatable: several in one run). Presets: nudity, Van Gogh.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        # No square brackets: rich help would read [[concept]] as markup and drop it.
+        help="TOML file of several runs, instead of --concept: its top-level keys (erase's flags without the "
+             "dashes, e.g. iterations = 10) are shared, and each table of its array of tables named concept "
+             "(concept = \"NAME\" plus that run's own keys) is one run. An entry's own keys win over flags "
+             "typed here, which win over the top level. Paths are relative to the file. Runs them in order, "
+             "then prints one summary; a failed entry does not stop the next, but the exit code is then 1.")] = None,
     method: Annotated[str, typer.Option(help="recare, or esd (one erase stage, no inversion, no CARE set).")] = "recare",
     concept_type: Annotated[Optional[str], typer.Option(
         "--type", help="object, style or person; required for concepts without a preset.")] = None,
@@ -78,14 +87,20 @@ def erase(
     """Erase concepts from the model; a rerun of the same command resumes where it stopped.
 
     Example: recare erase --concept nudity   (generates images, builds the CARE set, trains).
+    Several concepts, each its own run: recare erase --recipe concepts.toml
     """
     from recare_cli.erase.run import EraseRequest
+    from recare_cli.errors import UsageError
     from recare_cli.models import Runtime
     from recare_cli.plugins import registry
 
-    erase_method = registry().method(method)
+    if recipe is not None and concept:
+        raise UsageError("--recipe and --concept cannot be used together",
+                         hint="put the concepts in the recipe's [[concept]] tables, or leave out --recipe")
+    if recipe is None and not concept:
+        raise UsageError("no concept given", hint="pass --concept NAME (repeatable) or --recipe FILE.toml")
     request = EraseRequest(
-        concepts=concept, method=method, concept_type=concept_type, train_method=train_method,
+        concepts=concept or [], method=method, concept_type=concept_type, train_method=train_method,
         iterations=iterations, negative_guidance=negative_guidance, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
         ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
         compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,
@@ -97,7 +112,15 @@ def erase(
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter
-    result = erase_method.run(request, runtime, reporter)
+    if recipe is not None:
+        from recare_cli.erase.recipe import plan_entries, read_recipe, run_recipe
+
+        # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+        typed = {name for name in ctx.params if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}
+        parsed = read_recipe(recipe)
+        run_recipe(parsed, plan_entries(parsed, request, runtime, typed), reporter)
+        return
+    result = registry().method(method).run(request, runtime, reporter)
 
     def render(console) -> None:
         console.print(f"erased {', '.join(concept)} ({method}) → {result.unet_path}")

@@ -1,0 +1,272 @@
+"""`recare erase --recipe FILE.toml`: several erase runs from one file, one after another.
+
+    model = "tiny-random"        # top level: settings every entry shares
+    method = "esd"
+    iterations = 10
+
+    [[concept]]                  # one erase run per table
+    concept = "nudity"
+
+    [[concept]]
+    concept = ["tench", "church"]   # a list is erased together, in one run
+    type = "object"
+    output-dir = "runs/objects"
+
+Keys are the `recare erase` flags without their dashes (`output-dir` or `output_dir`), plus model,
+device and dtype. Settings, weakest first: erase's defaults and the config file, the recipe's top
+level, flags typed on the command line, the entry's own keys. Relative paths in the recipe are
+relative to the recipe file. Every entry runs through its method's `run`, exactly as
+`recare erase --concept` does, in its own resumable run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields, replace
+from difflib import get_close_matches
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+from rich.markup import escape
+
+from recare_cli.config import tomllib
+from recare_cli.erase.run import METHODS, EraseRequest, EraseResult, check_request
+from recare_cli.errors import Interrupted, RecareError, UsageError
+from recare_cli.models import Runtime
+from recare_cli.output import Reporter
+
+RUNTIME_KEYS = ("model", "device", "dtype")
+DONE, REUSED, FAILED = "done", "reused", "failed"
+TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a quoted string",
+              Path: "a quoted path"}
+FORMAT_HINT = 'one [[concept]] table per run, each with concept = "NAME"; see `recare erase --help`'
+
+
+def _keys() -> dict[str, str]:
+    """Recipe key, spelled as its flag -> the EraseRequest or Runtime field it sets."""
+    renamed = {"concepts": "concept", "concept_type": "type"}
+    keys = {renamed.get(f.name, f.name).replace("_", "-"): f.name for f in fields(EraseRequest) if f.name != "command"}
+    return keys | {key: key for key in RUNTIME_KEYS}
+
+
+KEYS = _keys()
+FIELD_TYPES = get_type_hints(EraseRequest) | {key: str for key in RUNTIME_KEYS}
+
+
+@dataclass
+class Recipe:
+    path: Path
+    defaults: dict  # field -> value, from the top level
+    entries: list[dict]  # field -> value, one per [[concept]] table
+
+    def where(self, index: int) -> str:
+        return f"recipe '{self.path}', [[concept]] #{index}"
+
+
+@dataclass
+class Entry:
+    index: int
+    request: EraseRequest
+    runtime: Runtime
+
+    @property
+    def label(self) -> str:
+        return f"#{self.index} ({', '.join(self.request.concepts)})"
+
+
+@dataclass
+class Outcome:
+    entry: Entry
+    status: str
+    seconds: float
+    result: EraseResult | None = None
+    error: str | None = None
+
+    def row(self) -> dict:
+        result = self.result
+        return {"entry": self.entry.index, "concepts": self.entry.request.concepts,
+                "method": self.entry.request.method, "status": self.status,
+                "run_dir": str(result.run_dir) if result else None, "cache_name": result.cache_name if result else None,
+                "unet": str(result.unet_path) if result else None, "tokens": result.tokens if result else [],
+                "seconds": self.seconds, "error": self.error}
+
+
+# reading and checking --------------------------------------------------------------------------
+
+def read_recipe(path: Path) -> Recipe:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe '{path}': {exc.strerror or exc}",
+                         hint="--recipe takes the path of a TOML file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe '{path}' is not UTF-8 text", hint="--recipe takes a TOML file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"recipe '{path}' is not valid TOML: {exc}", hint=FORMAT_HINT) from None
+    return parse_recipe(data, Path(path))
+
+
+def parse_recipe(data: dict, path: Path) -> Recipe:
+    tables = data.get("concept")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise UsageError(f"recipe '{path}' has no [[concept]] tables", hint=FORMAT_HINT)
+    recipe = Recipe(path, {}, [])
+    top = {k: v for k, v in data.items() if k != "concept"}
+    recipe.defaults = _settings(top, f"recipe '{path}'", path.parent, set(KEYS) - {"concept"})
+    for index, table in enumerate(tables, 1):
+        if "concept" not in table:
+            raise UsageError(f"{recipe.where(index)} has no 'concept'",
+                             hint='add concept = "NAME" (or a list of names erased together)')
+        recipe.entries.append(_settings(table, recipe.where(index), path.parent, set(KEYS)))
+    return recipe
+
+
+def _settings(table: dict, where: str, base: Path, allowed: set[str]) -> dict:
+    settings = {}
+    for key, value in table.items():
+        name = key.replace("_", "-")
+        if name not in allowed:
+            guess = get_close_matches(name, allowed, n=1)
+            did_you_mean = f"did you mean '{guess[0]}'? " if guess else ""
+            raise UsageError(f"{where}: unknown key '{key}'",
+                             hint=f"{did_you_mean}allowed: {', '.join(sorted(allowed))}")
+        field = KEYS[name]
+        if field in settings:
+            raise UsageError(f"{where}: '{name}' is set twice", hint="keep one of its spellings")
+        settings[field] = _concepts(value, where) if field == "concepts" else _convert(name, value, field, base, where)
+    return settings
+
+
+def _concepts(value, where: str) -> list[str]:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{where}: 'concept' must be a name or a list of names (got {value!r})",
+                         hint='e.g. concept = "nudity"')
+    return names
+
+
+def _convert(name: str, value, field: str, base: Path, where: str):
+    kind = next(k for k in get_args(FIELD_TYPES[field]) or (FIELD_TYPES[field],) if k is not type(None))
+    # TOML already types its values; only a whole number may stand for a float.
+    if kind is float and type(value) in (int, float):
+        return float(value)
+    if kind is Path and isinstance(value, str):
+        return base / Path(value).expanduser()
+    if type(value) is kind:
+        return value
+    raise UsageError(f"{where}: '{name}' must be {TYPE_WORDS[kind]} (got {value!r})",
+                     hint="TOML writes numbers and true/false bare, text in quotes")
+
+
+def plan_entries(recipe: Recipe, base: EraseRequest, runtime: Runtime, explicit: set[str]) -> list[Entry]:
+    """Every entry's request and runtime, all checked, so that a bad entry stops the recipe before any runs.
+
+    `base` and `runtime` hold the command line's values; `explicit` names those typed there, which
+    win over the recipe's top level but not over an entry's own keys.
+    """
+    given = {f.name: getattr(base, f.name) for f in fields(base) if f.name in explicit}
+    given |= {key: getattr(runtime, key) for key in RUNTIME_KEYS if key in explicit}
+    entries = []
+    for index, own in enumerate(recipe.entries, 1):
+        settings = {**recipe.defaults, **given, **own}
+        runtime_settings = {key: settings.pop(key) for key in RUNTIME_KEYS if key in settings}
+        entry = Entry(index, replace(base, **settings), replace(runtime, **runtime_settings))
+        try:
+            _check(entry)
+        except RecareError as exc:
+            raise type(exc)(f"{recipe.where(index)}: {exc.message}", exc.hint) from None
+        entries.append(entry)
+    _check_output_dirs(recipe, entries)
+    return entries
+
+
+def _check(entry: Entry) -> None:
+    from recare_cli.plugins import registry
+
+    request = entry.request
+    registry().method(request.method)
+    if request.method in METHODS:  # a third-party method checks its own request when it runs
+        check_request(request)
+    entry.runtime.torch_dtype()  # checks --device and --dtype
+    for name, path in (("images", request.images), ("careset", request.careset)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{name} '{path}' does not exist",
+                             hint="paths in a recipe are relative to the recipe file")
+
+
+def _check_output_dirs(recipe: Recipe, entries: list[Entry]) -> None:
+    owners: dict[Path, int] = {}
+    for entry in entries:
+        if entry.request.output_dir is None:
+            continue
+        folder = Path(entry.request.output_dir).resolve()
+        if folder in owners:
+            raise UsageError(
+                f"recipe '{recipe.path}': [[concept]] #{owners[folder]} and #{entry.index} both write to "
+                f"'{entry.request.output_dir}'",
+                hint="give each [[concept]] its own output-dir, or leave it out for runs/<concept>-<method>-<hash>")
+        owners[folder] = entry.index
+
+
+# running --------------------------------------------------------------------------------------
+
+def run_recipe(recipe: Recipe, entries: list[Entry], reporter: Reporter) -> list[Outcome]:
+    """Run the entries in order; a failed one is reported and the next one runs.
+
+    Reports one result per entry and then a summary; raises RecareError at the end if any failed.
+    """
+    outcomes = []
+    for entry in entries:
+        outcome = _run_entry(entry, reporter)
+        outcomes.append(outcome)
+        reporter.result(outcome.row(), render=lambda console, o=outcome: console.print(escape(
+            f"[{o.entry.index}/{len(entries)}] {', '.join(o.entry.request.concepts)} ({o.entry.request.method}): "
+            f"{o.status} in {o.seconds:.1f} s"), highlight=False))
+    counts = {status: sum(o.status == status for o in outcomes) for status in (DONE, REUSED, FAILED)}
+    summary = {"recipe": str(recipe.path), "entries": len(outcomes), **counts,
+               "seconds": round(sum(o.seconds for o in outcomes), 3)}
+    reporter.result(summary, render=lambda console: console.print(_table(outcomes)))
+    failed = [o.entry.label for o in outcomes if o.status == FAILED]
+    if failed:
+        raise RecareError(f"{len(failed)} of {len(outcomes)} recipe entries failed: {', '.join(failed)}",
+                          hint="the others finished; fix those and rerun the recipe, which reuses finished runs")
+    return outcomes
+
+
+def _run_entry(entry: Entry, reporter: Reporter) -> Outcome:
+    from recare_cli.plugins import registry
+
+    started = time.perf_counter()
+    try:
+        result = registry().method(entry.request.method).run(entry.request, entry.runtime, reporter)
+    except Interrupted:  # Ctrl-C stops the whole recipe, not just this entry
+        raise
+    except RecareError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one broken entry must not cost the entries after it
+        error = f"unexpected {type(exc).__name__}: {exc}"
+    else:
+        reused = bool(result.stages) and all(stage.get("reused") for stage in result.stages.values())
+        return Outcome(entry, REUSED if reused else DONE, _since(started), result)
+    error = " ".join(error.split())
+    reporter.warn(escape(f"[[concept]] {entry.label} failed: {error}; going on with the next"))
+    return Outcome(entry, FAILED, _since(started), error=error)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+def _table(outcomes: list[Outcome]):
+    from rich.table import Table
+
+    table = Table("#", "concept", "method", "status", "run dir", "cache name", "seconds")
+    colours = {DONE: "green", REUSED: "cyan", FAILED: "red"}
+    for o in outcomes:
+        row = o.row()
+        table.add_row(str(o.entry.index), escape(", ".join(row["concepts"])), escape(row["method"]),
+                      f"[{colours[o.status]}]{o.status}[/]", escape(row["run_dir"] or "-"),
+                      escape(row["cache_name"] or "-"), f"{o.seconds:.1f}")
+    return table
