@@ -51,11 +51,30 @@ def _parameter(key: str) -> str:
     return PARAMETER_NAMES.get(name, name)
 
 
-def default_map(config: dict, commands: list[str]) -> dict:
-    """Click's default_map: per command, the top-level keys overlaid with the command's table."""
-    shared = {_parameter(k): v for k, v in config.items() if not isinstance(v, dict)}
+def default_map(config: dict, commands: dict[str, set[str]]) -> dict:
+    """Click's default_map: per command, the top-level keys overlaid with the command's table.
+
+    `commands` maps each command to its parameter names; a key no command knows is an error, so
+    a typo (`stepz = 25`) is reported instead of silently doing nothing.
+    """
+    path = config_path()
+    known_anywhere = set().union(*commands.values())
+    shared = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            if key not in commands:
+                raise UsageError(f"config file '{path}': unknown section [{key}]",
+                                 hint=f"sections are named after commands: {', '.join(commands)}")
+            continue
+        if _parameter(key) not in known_anywhere:
+            raise UsageError(f"config file '{path}': no command has an option '{key}'")
+        shared[_parameter(key)] = value
     result = {}
-    for name in commands:
-        table = config.get(name, {})
-        result[name] = {**shared, **{_parameter(k): v for k, v in table.items()}}
+    for name, parameters in commands.items():
+        table = {_parameter(k): v for k, v in config.get(name, {}).items()}
+        unknown = sorted(set(table) - parameters)
+        if unknown:
+            raise UsageError(f"config file '{path}': [{name}] has no option '{unknown[0]}'",
+                             hint=f"see `recare {name} --help`")
+        result[name] = {**{k: v for k, v in shared.items() if k in parameters}, **table}
     return result

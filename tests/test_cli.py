@@ -154,6 +154,9 @@ def test_config_file_sets_defaults_and_the_command_line_wins(config_file, run_cl
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ("steps = [", "is not valid TOML"),
+    ("stepz = 25", "no command has an option 'stepz'"),
+    ("[generate]\nstepz = 25", "[generate] has no option 'stepz'"),
+    ("[generat]\nsteps = 25", "unknown section [generat]"),
 ])
 def test_broken_config_file_is_a_usage_error(config_file, run_cli, content, message):
     if content is not None:

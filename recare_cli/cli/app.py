@@ -127,7 +127,8 @@ def _root(
     """
     from recare_cli.config import default_map, load_config
 
-    ctx.default_map = default_map(load_config(), [*COMMANDS, "cache"])
+    parameters = {name: {p.name for p in command.params} for name, command in ctx.command.commands.items()}
+    ctx.default_map = default_map(load_config(), parameters)
 
 
 for _name, _func in COMMANDS.items():
