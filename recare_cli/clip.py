@@ -141,6 +141,11 @@ def _causal_argmax_text(model) -> bool:
 
 # loading ------------------------------------------------------------------------------------------
 
+def default_clip_model(base_model: str) -> str:
+    """The CLIP to use with a base model: real CLIP weights cannot exist next to the built-in random model."""
+    return TINY_RANDOM if base_model == TINY_RANDOM else DEFAULT_CLIP_MODEL
+
+
 def load_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
               cache_dir=None, offline: bool = False, device: str = "cpu") -> ClipModel:
     """Load a CLIP model (see the module docstring for what `name` and `pretrained` accept)."""

@@ -127,11 +127,9 @@ class EvalContext:
         return self.cache[key]
 
     def clip(self):
-        from recare_cli.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, TINY_RANDOM, load_clip
+        from recare_cli.clip import DEFAULT_CLIP_PRETRAINED, default_clip_model, load_clip
 
-        # Real CLIP weights cannot exist where the built-in random model is in use (tests, demos).
-        default_name = TINY_RANDOM if self.runtime.model == TINY_RANDOM else DEFAULT_CLIP_MODEL
-        name = self.option("clip_model", default_name)
+        name = self.option("clip_model", default_clip_model(self.runtime.model))
         pretrained = self.option("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
         return self.shared(("clip", name, pretrained), lambda: load_clip(
             name, pretrained, cache_dir=self.runtime.cache_dir, offline=self.runtime.offline, device=self.device))

@@ -325,9 +325,9 @@ def _read_careset(path: Path):
 
 
 def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
-    if request.clip_model:
-        return request.clip_model
-    return "tiny-random" if runtime.model == "tiny-random" else "ViT-B-32"
+    from recare_cli.clip import default_clip_model
+
+    return request.clip_model or default_clip_model(runtime.model)
 
 
 def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages: Stages, reporter):
