@@ -1,9 +1,10 @@
 """CLIP through open_clip: one loader for the CARE set, CARE score, CLIP score and zero-shot labels.
 
 `--clip-model` is an open_clip model name (`ViT-B-32`), an open_clip folder (open_clip_config.json
-plus weights), `hf-hub:org/repo`, or the built-in `tiny-random`. `--clip-pretrained` is an open_clip
-tag (`openai`) or a local checkpoint file. The built-in is written once into recare's cache as an
-open_clip folder and then loaded like any user folder, so tests exercise the real loading path.
+plus weights), `hf-hub:org/repo`, or a built-in: `toy` (trained on the toy world, shipped in the
+package) or `tiny-random` (random weights). `--clip-pretrained` is an open_clip tag (`openai`) or a
+local checkpoint file. A built-in is written once into recare's cache as an open_clip folder and
+then loaded like any user folder, so tests exercise the real loading path.
 
 The vocabulary embeddings (recare-method.md §6.1) are computed once per model and vocabulary and
 kept under `<cache>/clip/<model slug>/` as float16 safetensors.
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +33,9 @@ from recare_cli.output import QUIET_REPORTER, Reporter
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
 TINY_RANDOM = "tiny-random"
+TOY = "toy"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-TINY_WEIGHTS = "open_clip_model.safetensors"
+BUILTIN_WEIGHTS = "open_clip_model.safetensors"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 SUPPLY_HINT = "supply the weights with --clip-pretrained /path/to/open_clip_pytorch_model.bin"
@@ -142,8 +145,8 @@ def _causal_argmax_text(model) -> bool:
 # loading ------------------------------------------------------------------------------------------
 
 def default_clip_model(base_model: str) -> str:
-    """The CLIP to use with a base model: real CLIP weights cannot exist next to the built-in random model."""
-    return TINY_RANDOM if base_model == TINY_RANDOM else DEFAULT_CLIP_MODEL
+    """The CLIP to use with a base model: a built-in model comes with its built-in CLIP (tiny-random, toy)."""
+    return base_model if base_model in BUILTIN_CLIPS else DEFAULT_CLIP_MODEL
 
 
 def load_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -155,9 +158,9 @@ def load_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_C
         raise UsageError("--clip-model is empty", hint=f"e.g. {DEFAULT_CLIP_MODEL} or {TINY_RANDOM}")
     device = resolve_device(device)
     offline = is_offline(offline)
-    if name == TINY_RANDOM:
-        folder = tiny_random_path(cache_dir)
-        return _load_folder(folder, f"{TINY_RANDOM}:{_tiny_digest()}", name, None, device)
+    if name in BUILTIN_CLIPS:
+        folder, digest = builtin_clip_path(name, cache_dir)
+        return _load_folder(folder, f"{name}:{digest}", name, None, device)
     if name.startswith(LOCAL_DIR) or Path(name).expanduser().is_dir():
         folder = Path(name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name).expanduser()
         return _load_folder(folder, f"local-dir:{_file_identity(folder)}", name, None, device)
@@ -196,8 +199,8 @@ def _load_named(name: str, pretrained: str | None, offline: bool, device: str) -
     if name not in open_clip.list_models():
         examples = ", ".join(m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50") if m in open_clip.list_models())
         raise UsageError(
-            f"--clip-model '{name}' is not an open_clip model, a folder or {TINY_RANDOM}",
-            hint=f"e.g. {examples}, or {TINY_RANDOM}; open_clip.list_models() lists them all",
+            f"--clip-model '{name}' is not an open_clip model, a folder or a built-in ({', '.join(BUILTIN_CLIPS)})",
+            hint=f"e.g. {examples}, or {TOY}; open_clip.list_models() lists them all",
         )
     if pretrained is None:
         pretrained = DEFAULT_CLIP_PRETRAINED
@@ -318,42 +321,61 @@ def _file_identity(path: Path) -> str:
     return f"{path}:{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
 
 
-# the built-in tiny-random CLIP ----------------------------------------------------------------
+# built-in CLIPs ------------------------------------------------------------------------------
 
-def _tiny_digest() -> str:
+def _tiny_random_files() -> tuple[dict, dict]:
+    """The random-weight CLIP's open_clip config and state dict."""
+    import open_clip
+    import torch
+
+    clip_config = {"model_cfg": TINY_RANDOM_CONFIG["model_cfg"], "preprocess_cfg": TINY_RANDOM_CONFIG["preprocess_cfg"]}
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / OPEN_CLIP_CONFIG).write_text(json.dumps(clip_config))
+        torch.manual_seed(TINY_RANDOM_CONFIG["seed"])
+        with _quiet_open_clip():
+            model = open_clip.create_model(f"{LOCAL_DIR}{folder}", pretrained=None)
+    return clip_config, model.state_dict()
+
+
+def _toy_files() -> tuple[dict, dict]:
+    from recare_cli.toy.package import clip_files
+
+    return clip_files()
+
+
+def _tiny_random_digest() -> str:
     return hashlib.sha256(json.dumps(TINY_RANDOM_CONFIG, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tiny_random_path(cache_dir=None) -> Path:
-    """The built-in CLIP's open_clip folder in recare's cache, built on first use."""
-    from recare_cli.fsutil import atomic_dir, write_json
+def _toy_digest() -> str:
+    from recare_cli.models import builtin_digest
 
-    folder = cache.cache_root(cache_dir) / "clip" / TINY_RANDOM
-    stamp = folder / "recare-builtin.json"
-    digest = _tiny_digest()
-    if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest \
-            and (folder / TINY_WEIGHTS).is_file():
-        return folder
-    with atomic_dir(folder) as tmp:
-        _build_tiny_random(tmp)
-        write_json(tmp / "recare-builtin.json", {"name": TINY_RANDOM, "config_sha256": digest})
-    return folder
+    return builtin_digest(("toy/toy.json", "toy/toy.safetensors"))
 
 
-def _build_tiny_random(folder: Path) -> None:
-    import open_clip
-    import torch
+# name -> (config and weights, digest of what they are made from)
+BUILTIN_CLIPS = {TINY_RANDOM: (_tiny_random_files, _tiny_random_digest), TOY: (_toy_files, _toy_digest)}
+
+
+def builtin_clip_path(name: str, cache_dir=None) -> tuple[Path, str]:
+    """A built-in CLIP's open_clip folder in recare's cache (built on first use), and its digest."""
     from safetensors.torch import save_file
 
-    from recare_cli.fsutil import write_json
+    from recare_cli.fsutil import atomic_dir, write_json
 
-    write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": TINY_RANDOM_CONFIG["model_cfg"],
-                                           "preprocess_cfg": TINY_RANDOM_CONFIG["preprocess_cfg"]})
-    torch.manual_seed(TINY_RANDOM_CONFIG["seed"])
-    with _quiet_open_clip():
-        model = open_clip.create_model(f"{LOCAL_DIR}{folder}", pretrained=None)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / TINY_WEIGHTS))
+    files, digest_of = BUILTIN_CLIPS[name]
+    digest = digest_of()
+    folder = cache.cache_root(cache_dir) / "clip" / name
+    stamp = folder / "recare-builtin.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest \
+            and (folder / BUILTIN_WEIGHTS).is_file():
+        return folder, digest
+    with atomic_dir(folder) as tmp:
+        clip_config, state = files()
+        write_json(tmp / OPEN_CLIP_CONFIG, clip_config)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / BUILTIN_WEIGHTS))
+        write_json(tmp / "recare-builtin.json", {"name": name, "config_sha256": digest})
+    return folder, digest
 
 
 # vocabulary embeddings ------------------------------------------------------------------------

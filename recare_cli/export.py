@@ -27,13 +27,12 @@ from recare_cli import __version__
 from recare_cli.cache import cache_root, lookup_erased
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import ensure_writable_dir
-from recare_cli.models import UNET_FILE, ModelRef, Runtime, apply_unet_weights, read_unet_state_dict
+from recare_cli.models import TOKENS_FILE, UNET_FILE, ModelRef, Runtime, apply_unet_weights, read_unet_state_dict
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 FORMATS = ("diffusers", "unet", "single-file", "lora", "tokens")
 FILE_SUFFIX = ".safetensors"
 MANIFEST = "recare-run.json"
-TOKENS_FILE = "tokens.safetensors"
 MODEL_CARD = "README.md"
 DEFAULT_RANK = 32
 CHECK_FAILED_HINT = "rerun with --verbose; if it persists, report it with `recare --version`"

@@ -22,6 +22,7 @@ from recare_cli import cache
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TOKENS_FILE = "tokens.safetensors"  # an erase run's learned tokens, next to its unet.safetensors
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # What a pipeline needs from a hub repo; SD repos also hold multi-GB .ckpt files we never want.
@@ -71,19 +72,38 @@ def build_tiny_random(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-# name -> (builder, config name whose hash decides when a cached copy is stale)
-BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "tiny-random": (build_tiny_random, "tiny-random"),
+def build_toy(folder: Path) -> None:
+    """Write the trained toy model shipped in recare_cli/data/toy/ (recare_cli/toy/)."""
+    from recare_cli.toy.package import build_pipeline
+
+    quiet_libraries()
+    build_pipeline(folder)
+
+
+# name -> (builder, package data files whose hash decides when a cached copy is stale)
+BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "tiny-random": (build_tiny_random, ("tiny-random.json",)),
+    "toy": (build_toy, ("toy/toy.json", "toy/toy.safetensors")),
 }
+
+
+def builtin_digest(files: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in files:
+        path = Path(__file__).parent / "data" / name
+        if not path.is_file():
+            raise RecareError(f"the built-in model's file {path} is missing from this installation",
+                              hint="reinstall recare")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def builtin_path(name: str, cache_dir: Path | None = None) -> Path:
     """The built-in model's folder in recare's cache, building it on first use."""
     from recare_cli.fsutil import atomic_dir, write_json
 
-    builder, config_name = BUILTIN_MODELS[name]
-    config_text = (Path(__file__).parent / "data" / f"{config_name}.json").read_bytes()
-    digest = hashlib.sha256(config_text).hexdigest()[:16]
+    builder, files = BUILTIN_MODELS[name]
+    digest = builtin_digest(files)
     folder = cache.cache_root(cache_dir) / "models" / name
     stamp = folder / "recare-builtin.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest:
@@ -320,9 +340,31 @@ def apply_unet_weights(unet, state: dict, source: str, argument: str = "--unet")
 
 
 def load_unet_into(pipe, spec: str, cache_dir: Path | None = None) -> Path:
+    """Load erased UNet weights; from an erase run, also its learned tokens, so prompts can use them."""
     path = resolve_unet(spec, cache_dir)
     apply_unet_weights(pipe.unet, read_unet_state_dict(path), spec)
+    tokens = path.parent / TOKENS_FILE
+    if path.name == UNET_FILE and tokens.is_file():
+        add_learned_tokens(pipe, tokens)
     return path
+
+
+def add_learned_tokens(pipe, path: Path) -> list[str]:
+    """Add an erase run's adversarial tokens (tokens.safetensors: name -> embedding) to the pipeline."""
+    import torch
+    from safetensors.torch import load_file
+
+    embeddings = load_file(str(path))
+    names = [name for name in embeddings if name not in pipe.tokenizer.get_vocab()]
+    if not names:
+        return []
+    pipe.tokenizer.add_tokens(names)
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for name in names:
+            table[pipe.tokenizer.convert_tokens_to_ids(name)] = embeddings[name].reshape(-1).to(table.dtype)
+    return names
 
 
 # schedulers -----------------------------------------------------------------------------------

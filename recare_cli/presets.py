@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from recare_cli.errors import UsageError
 
@@ -22,7 +23,28 @@ class Preset:
 PRESETS = {
     "nudity": Preset("object", "person", "A photo of a nude person"),
     "Van Gogh": Preset("style", "art", "A painting in the style of Van Gogh"),
+    # The toy world's (recare_cli/toy/world.py), for `--model toy`: its captions call any shape
+    # "shape" now and then, and put styles "in the style of" a word.
+    "star": Preset("object", "shape", "a star"),
+    "stripes": Preset("style", "style", "a picture in the style of stripes"),
 }
+
+# Erase settings a built-in model needs instead of the spec's, which are tuned for Stable
+# Diffusion's weights and 512-px images; flags typed or set in the config file still win.
+# The toy model's were found by measurement (bench/toy_quality.py, README "Toy world").
+TOY_WORDS = Path(__file__).resolve().parent / "data" / "toy" / "words.txt"
+MODEL_DEFAULTS: dict[str, dict] = {
+    "toy": {"resolution": 32, "num_images": 64, "iterations": 300, "stage1_lr": 3e-4, "stage2_lr": 3e-4,
+            "ti_steps": 1000, "care_vocab": TOY_WORDS, "care_top_k": 5, "care_top_n": 12},
+}
+
+
+def with_model_defaults(request, model: str, explicit: set[str]):
+    """`request` with the model's own defaults for every field the user did not set."""
+    from dataclasses import replace
+
+    defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if k not in explicit}
+    return replace(request, **defaults) if defaults else request
 
 
 @dataclass(frozen=True)

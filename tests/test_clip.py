@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from recare_cli.clip import ClipModel, cache_slug, load_clip, tiny_random_path, vocab_embeddings
+from recare_cli.clip import ClipModel, cache_slug, builtin_clip_path, load_clip, vocab_embeddings
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
 
 
@@ -33,9 +33,9 @@ def test_tiny_random_encodes_normalised_embeddings(tiny_clip):
 
 
 def test_tiny_random_is_deterministic_and_loads_like_a_user_folder(tiny_clip, tmp_path):
-    rebuilt = tiny_random_path(tmp_path / "other-cache")
+    rebuilt = builtin_clip_path("tiny-random", tmp_path / "other-cache")[0]
     assert (rebuilt / "open_clip_model.safetensors").read_bytes() == \
-        (tiny_random_path(None) / "open_clip_model.safetensors").read_bytes()
+        (builtin_clip_path("tiny-random", None)[0] / "open_clip_model.safetensors").read_bytes()
     user_folder = tmp_path / "my-clip"
     shutil.copytree(rebuilt, user_folder)
     from_folder = load_clip(str(user_folder))

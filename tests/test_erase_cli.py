@@ -72,7 +72,7 @@ def _careset_file(inputs, name: str, data) -> Path:
 
 @pytest.mark.parametrize("case", [
     "unknown-concept", "careset-missing-key", "careset-empty-list", "careset-two-retain-lists",
-    "empty-image-dir", "initializer-not-one-token", "zero-rounds",
+    "empty-image-dir", "initializer-not-one-token", "zero-rounds", "care-vocab-missing", "care-top-k-zero",
 ])
 def test_bad_input_fails_with_one_line(run_cli, inputs, tmp_path, case):
     out = tmp_path / "run"
@@ -103,6 +103,12 @@ def test_bad_input_fails_with_one_line(run_cli, inputs, tmp_path, case):
     elif case == "zero-rounds":
         args[args.index("--rounds") + 1] = "0"
         message = "--rounds"
+    elif case == "care-vocab-missing":
+        args += ["--care-vocab", tmp_path / "no-such-words.txt"]
+        message = "--care-vocab"
+    elif case == "care-top-k-zero":
+        args += ["--care-top-k", "0"]
+        message = "--care-top-k"
     result = run_cli(*args)
     assert result.exit_code == expected_code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -190,6 +196,21 @@ def test_erased_weights_differ_from_the_base_model(finished_run, tiny_pipe):
     base = tiny_pipe.unet.state_dict()
     changed = {k for k in base if not torch.equal(base[k].cpu(), erased[k])}
     assert changed and not any("attn2" in k or "norm" in k.split(".")[-2] for k in changed)  # noxattn
+
+
+def test_unet_from_a_run_brings_its_learned_tokens(finished_run, tiny_pipe):
+    import torch
+
+    from recare_cli.models import Runtime
+
+    out, lines = finished_run
+    tokens = load(out / "tokens.safetensors")
+    pipe, _, _ = Runtime("tiny-random", device="cpu").pipeline(unet=str(out))
+    for name, embedding in tokens.items():
+        token_id = pipe.tokenizer.convert_tokens_to_ids(name)
+        assert pipe.tokenizer.tokenize(f"a {name}")[-1] == name
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], embedding.reshape(-1))
+    assert name not in tiny_pipe.tokenizer.get_vocab()
 
 
 def test_rerun_of_a_finished_run_reuses_everything(run_cli, finished_run, inputs):

@@ -25,4 +25,6 @@ def register(register):
                     requires=("classifier_weights", "target")))
     register(Metric("fid", _lazy("fid"), "FID between --reference-dir images and generated ones (Inception v3)",
                     requires=("reference_dir",)))
+    register(Metric("toy", _lazy("toy"), "toy world: % of images showing each toy concept the prompt names "
+                                         "(and --target), by the toy classifier (--model toy)"))
     register(Metric("clipscore", _lazy("clipscore"), "CLIP score of each image and its prompt: 100 * max(cos, 0)"))

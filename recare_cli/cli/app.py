@@ -22,6 +22,7 @@ from recare_cli.cli import eval as eval_cmd
 from recare_cli.cli import export as export_cmd
 from recare_cli.cli import generate as generate_cmd
 from recare_cli.cli import plugins as plugins_cmd
+from recare_cli.cli import toy as toy_cmd
 from recare_cli.cli.common import VERBOSE
 from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, INTERRUPTED, Interrupted, RecareError
 
@@ -135,6 +136,7 @@ for _name, _func in COMMANDS.items():
     app.command(_name)(_func)
 app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(plugins_cmd.app, name="plugins")
+app.add_typer(toy_cmd.app, name="toy")
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def careset(
     concept_type: Annotated[Optional[str], typer.Option(
         "--type", help="Concept type (object, style, person or a plugin's); sets the default --prompt-style.")] = None,
     clip_model: Annotated[str, typer.Option(
-        help="open_clip model name, open_clip folder, hf-hub:org/repo, or tiny-random.")] = "ViT-B-32",
+        help="open_clip model name, open_clip folder, hf-hub:org/repo, or a built-in: toy, tiny-random.")] = "ViT-B-32",
     clip_pretrained: Annotated[str, typer.Option(
         help="open_clip pretrained tag, or a local checkpoint file.")] = "openai",
     vocab: Annotated[Optional[Path], typer.Option(

@@ -23,7 +23,7 @@ def erase(
     common: Common,
     concept: Annotated[Optional[list[str]], typer.Option(
         "--concept", "-c",
-        help="Concept to erase (repeatable: several in one run). Presets: nudity, Van Gogh.")] = None,
+        help="Concept to erase (repeatable: several in one run). Presets: nudity, Van Gogh; star, stripes (--model toy).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(
         # No square brackets: rich help would read [[concept]] as markup and drop it.
         help="TOML file of several runs, instead of --concept: its top-level keys (erase's flags without the "
@@ -65,13 +65,20 @@ def erase(
         rich_help_panel=INPUTS)] = None,
     careset: Annotated[Optional[Path], typer.Option(
         help="CARE set JSON (default: built from the images with `recare careset`'s method).", rich_help_panel=INPUTS)] = None,
+    care_vocab: Annotated[Optional[Path], typer.Option(
+        help="Word list (one word a line) to build the CARE set over, instead of CLIP's whole vocabulary "
+             "(default for --model toy: the toy world's words).", rich_help_panel=INPUTS)] = None,
+    care_top_k: Annotated[int, typer.Option(
+        help="CARE set: candidate tokens counted per image (careset's --top-k-per-image).", rich_help_panel=INPUTS)] = 50,
+    care_top_n: Annotated[int, typer.Option(
+        help="CARE set: most frequent tokens clustered (careset's --top-n-tokens).", rich_help_panel=INPUTS)] = 100,
     num_images: Annotated[int, typer.Option(help="Training images to generate per concept.", rich_help_panel=INPUTS)] = 500,
     clip_model: Annotated[Optional[str], typer.Option(
-        help="CLIP for building the CARE set (default ViT-B-32; tiny-random for the tiny-random model).",
+        help="CLIP for building the CARE set (default ViT-B-32; a built-in model's own: toy, tiny-random).",
         rich_help_panel=INPUTS)] = None,
     clip_pretrained: Annotated[str, typer.Option(help="open_clip weights tag or file for --clip-model.",
                                                  rich_help_panel=INPUTS)] = "openai",
-    resolution: Annotated[int, typer.Option(help="Image size for training (latents are 1/8).")] = 512,
+    resolution: Annotated[int, typer.Option(help="Image size for training (--model toy: 32).")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of python random, numpy and torch; images use seed + i.")] = 42,
     prefix_steps: Annotated[int, typer.Option(
         help="DDIM steps of the partial-denoising schedule (50 = the method exactly; fewer is faster, approximate).",
@@ -93,6 +100,7 @@ def erase(
     from recare_cli.errors import UsageError
     from recare_cli.models import Runtime
     from recare_cli.plugins import registry
+    from recare_cli.presets import with_model_defaults
 
     if recipe is not None and concept:
         raise UsageError("--recipe and --concept cannot be used together",
@@ -104,7 +112,8 @@ def erase(
         iterations=iterations, negative_guidance=negative_guidance, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
         ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
         compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,
-        images=images, careset=careset, num_images=num_images, resolution=resolution, seed=seed,
+        images=images, careset=careset, care_vocab=care_vocab, care_top_k=care_top_k,
+        care_top_n=care_top_n, num_images=num_images, resolution=resolution, seed=seed,
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
         apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
@@ -112,14 +121,17 @@ def erase(
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    sources = {name: ctx.get_parameter_source(name).name for name in ctx.params}
+    typed = {name for name, source in sources.items() if source in ("COMMANDLINE", "ENVIRONMENT")}
+    configured = {name for name, source in sources.items() if source == "DEFAULT_MAP"}
     if recipe is not None:
         from recare_cli.erase.recipe import plan_entries, read_recipe, run_recipe
 
-        # By name: typer ships its own copy of click, whose ParameterSource is not click's.
-        typed = {name for name in ctx.params if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}
         parsed = read_recipe(recipe)
-        run_recipe(parsed, plan_entries(parsed, request, runtime, typed), reporter)
+        run_recipe(parsed, plan_entries(parsed, request, runtime, typed, configured), reporter)
         return
+    request = with_model_defaults(request, common.model, typed | configured)
     result = registry().method(method).run(request, runtime, reporter)
 
     def render(console) -> None:

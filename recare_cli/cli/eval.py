@@ -26,7 +26,7 @@ def _metric(help: str, *flags: str, **kwargs):
 def evaluate(
     common: Common,
     metric: Annotated[Optional[list[str]], typer.Option(
-        "--metric", "-m", help="A metric (repeatable): care, nudity, object, style, fid, clipscore or a plugin's.")] = None,
+        "--metric", "-m", help="A metric (repeatable): care, nudity, object, style, fid, clipscore, toy or a plugin's.")] = None,
     unet: Annotated[Optional[str], typer.Option(
         help="Erased UNet weights: .pt, .safetensors, a UNet folder, a run directory or a cache name "
              "(default: evaluate --model as it is).")] = None,
@@ -55,7 +55,7 @@ def evaluate(
     threshold: Annotated[Optional[float], _metric("nudity: a class counts at this score or above [default: 0.75].")] = None,
     classes: Annotated[Optional[list[str]], _metric(
         "nudity: NudeNet classes (repeatable or comma-separated) [default: the six *_EXPOSED].", "--classes")] = None,
-    target: Annotated[Optional[str], _metric("object/style: the class to detect, by name or index (tench, 0, 'Van Gogh').")] = None,
+    target: Annotated[Optional[str], _metric("object/style/toy: the class to detect, by name or index (tench, 0, 'Van Gogh', star).")] = None,
     classifier_weights: Annotated[Optional[Path], _metric(
         "object: ResNet weights file (resnet50-11ad3fa6.pth); style: image-classification folder.")] = None,
     zero_shot: Annotated[bool, _metric("object: classify with CLIP over the ImageNet class names instead.")] = False,
@@ -64,11 +64,11 @@ def evaluate(
     reference_dir: Annotated[Optional[Path], _metric("fid: folder of reference images (e.g. COCO-30k).")] = None,
     inception_weights: Annotated[Optional[Path], _metric("fid: Inception v3 weights (inception_v3_google-0cc3c7bd.pth).")] = None,
     clip_model: Annotated[Optional[str], _metric(
-        "care/clipscore/--zero-shot: open_clip model, folder or tiny-random [default: ViT-B-32; tiny-random "
-        "with --model tiny-random].")] = None,
+        "care/clipscore/--zero-shot: open_clip model, folder, toy or tiny-random [default: ViT-B-32; the "
+        "built-in model's own CLIP with --model toy or tiny-random].")] = None,
     clip_pretrained: Annotated[Optional[str], _metric("open_clip pretrained tag or weights file [default: openai].")] = None,
 ) -> None:
-    """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score.
+    """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score, toy world.
 
     Results: a table, results.csv and results.json. Verdicts never change the exit code.
     """

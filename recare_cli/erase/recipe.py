@@ -34,6 +34,7 @@ from recare_cli.erase.run import METHODS, EraseRequest, EraseResult, check_reque
 from recare_cli.errors import Interrupted, RecareError, UsageError
 from recare_cli.models import Runtime
 from recare_cli.output import Reporter
+from recare_cli.presets import with_model_defaults
 
 RUNTIME_KEYS = ("model", "device", "dtype")
 DONE, REUSED, FAILED = "done", "reused", "failed"
@@ -160,19 +161,25 @@ def _convert(name: str, value, field: str, base: Path, where: str):
                      hint="TOML writes numbers and true/false bare, text in quotes")
 
 
-def plan_entries(recipe: Recipe, base: EraseRequest, runtime: Runtime, explicit: set[str]) -> list[Entry]:
+def plan_entries(recipe: Recipe, base: EraseRequest, runtime: Runtime, explicit: set[str],
+                 configured: set[str] = frozenset()) -> list[Entry]:
     """Every entry's request and runtime, all checked, so that a bad entry stops the recipe before any runs.
 
     `base` and `runtime` hold the command line's values; `explicit` names those typed there, which
-    win over the recipe's top level but not over an entry's own keys.
+    win over the recipe's top level but not over an entry's own keys. Settings no one chose take
+    the entry's model's defaults (presets.MODEL_DEFAULTS); `configured` names the settings the
+    config file gives, which also win over those.
     """
     given = {f.name: getattr(base, f.name) for f in fields(base) if f.name in explicit}
     given |= {key: getattr(runtime, key) for key in RUNTIME_KEYS if key in explicit}
     entries = []
     for index, own in enumerate(recipe.entries, 1):
         settings = {**recipe.defaults, **given, **own}
+        chosen = explicit | configured | set(settings)
         runtime_settings = {key: settings.pop(key) for key in RUNTIME_KEYS if key in settings}
-        entry = Entry(index, replace(base, **settings), replace(runtime, **runtime_settings))
+        entry_runtime = replace(runtime, **runtime_settings)
+        request = with_model_defaults(replace(base, **settings), entry_runtime.model, chosen)
+        entry = Entry(index, request, entry_runtime)
         try:
             _check(entry)
         except RecareError as exc:
@@ -190,7 +197,7 @@ def _check(entry: Entry) -> None:
     if request.method in METHODS:  # a third-party method checks its own request when it runs
         check_request(request)
     entry.runtime.torch_dtype()  # checks --device and --dtype
-    for name, path in (("images", request.images), ("careset", request.careset)):
+    for name, path in (("images", request.images), ("careset", request.careset), ("care_vocab", request.care_vocab)):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{name} '{path}' does not exist",
                              hint="paths in a recipe are relative to the recipe file")

@@ -25,12 +25,11 @@ from pathlib import Path
 from recare_cli.erase.denoise import NSTEPS
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
-from recare_cli.models import Runtime
+from recare_cli.models import TOKENS_FILE, Runtime
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
 MANIFEST = "recare-run.json"
-TOKENS_FILE = "tokens.safetensors"
 CARESET_FILE = "careset.json"
 PT_FILE = "ReCARE-Diffusers-UNet.pt"
 STAGES_DIR = "stages"
@@ -39,7 +38,7 @@ METHODS = ("recare", "esd")
 AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
-NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset")
+NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab")
 
 
 @dataclass
@@ -62,6 +61,9 @@ class EraseRequest:
     initializer_token: str | None = None
     images: Path | None = None
     careset: Path | None = None
+    care_vocab: Path | None = None  # word list the CARE set is built over (default: CLIP's whole vocabulary)
+    care_top_k: int = 50  # careset's top_k_per_image
+    care_top_n: int = 100  # careset's top_n_tokens
     num_images: int = 500
     resolution: int = 512
     seed: int = 42
@@ -98,7 +100,8 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
     check_train_method(request.train_method)
     positive = {"--iterations": request.iterations, "--num-images": request.num_images,
-                "--checkpoint-every": request.checkpoint_every}
+                "--checkpoint-every": request.checkpoint_every, "--care-top-k": request.care_top_k,
+                "--care-top-n": request.care_top_n}
     if request.method == "recare":
         positive |= {"--ti-steps": request.ti_steps}
         if request.rounds < 1:
@@ -108,7 +111,7 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
             raise UsageError(f"--num-adv-concepts must be 0 or more (got {request.num_adv_concepts})")
     for flag, value in positive.items():
         if value < 1:
-            raise UsageError(f"{flag} must be at least 1 (got {value})")
+            raise UsageError(f"{flag} must be at least 1 (got {value})", hint=f"leave out {flag} for its default")
     if not 1 <= request.prefix_steps <= NSTEPS:
         raise UsageError(f"--prefix-steps must be between 1 and {NSTEPS} (got {request.prefix_steps})")
     if request.resolution < 8 or request.resolution % 8:
@@ -141,10 +144,13 @@ def input_hashes(request: EraseRequest) -> dict:
             digest.update(image.name.encode())
             _file_digest(image, digest)
         hashes["images"] = digest.hexdigest()
-    if request.careset is not None:
-        digest = hashlib.sha256()
-        _file_digest(request.careset, digest)
-        hashes["careset"] = digest.hexdigest()
+    if request.care_vocab is not None and not Path(request.care_vocab).is_file():
+        raise UsageError(f"--care-vocab '{request.care_vocab}' is not a file", hint="a word list, one word a line")
+    for name in ("careset", "care_vocab"):
+        if getattr(request, name) is not None:
+            digest = hashlib.sha256()
+            _file_digest(getattr(request, name), digest)
+            hashes[name] = digest.hexdigest()
     return hashes
 
 
@@ -344,7 +350,8 @@ def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime,
             built = build_careset(
                 plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
                 prompt_style=plan.care_style, clip_model=_clip_model(request, runtime),
-                clip_pretrained=request.clip_pretrained, seed=request.seed, cache_dir=runtime.cache_dir,
+                clip_pretrained=request.clip_pretrained, vocab_file=request.care_vocab,
+                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed, cache_dir=runtime.cache_dir,
                 offline=runtime.offline, device=runtime.torch_device(), reporter=reporter,
             )
             careset = _read_careset(Path(built.path))
