@@ -97,7 +97,7 @@ def test_toy_train_writes_a_loadable_model(smoke_toy, tmp_path):
     manifest = json.loads((out / "toy.json").read_text())
     assert set(manifest["training"]) == {"vae", "unet", "classifier", "clip"}
     assert manifest["config"]["unet"]["model"] == TOY_CONFIG["unet"]["model"]
-    assert (out / "words.txt").read_text().split() == list(world.WORLD_WORDS + world.DISTRACTORS)
+    assert (out / "words.txt").read_text().split() == list(world.WORLD_WORDS)
     # Only trained rows of the 49,408-row tables are stored, and float16 halves the rest.
     text = weights("text_encoder", out, 49408)
     table = next(v for k, v in text.items() if k.endswith("token_embedding.weight"))
@@ -141,7 +141,7 @@ def test_toy_model_defaults_fill_only_what_the_user_did_not_set():
 def test_shipped_word_list_matches_the_world():
     from recare_cli.presets import TOY_WORDS
 
-    assert TOY_WORDS.read_text().split() == list(world.WORLD_WORDS + world.DISTRACTORS)
+    assert TOY_WORDS.read_text().split() == list(world.WORLD_WORDS)
 
 
 # the shipped toy model, CLIP and classifier ----------------------------------------------------
@@ -221,3 +221,25 @@ def test_toy_metric_scores_the_concepts_a_prompt_names(run_cli, tmp_path):
     bad = run_cli("eval", "--model", "toy", "--metric", "toy", "--target", "dog", "--prompt", "a dog",
                   "--output-dir", tmp_path / "bad")
     assert bad.exit_code == 2 and "not a toy-world concept" in bad.stderr
+
+
+def test_a_short_erase_on_toy_lowers_the_star_rate(run_cli, tmp_path, toy_pipe):
+    from recare_cli.models import Runtime
+    from recare_cli.toy.classifier import predict
+    from recare_cli.toy.package import load_classifier
+
+    out = tmp_path / "run"
+    result = run_cli("erase", "--model", "toy", "--concept", "star", "--method", "esd", "--device", "cpu",
+                     "--iterations", "40", "--prefix-steps", "5", "--stage1-lr", "1e-3", "--output-dir", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    parameters = json.loads((out / "recare-run.json").read_text())["parameters"]
+    assert parameters["resolution"] == 32 and parameters["stage1_lr"] == 1e-3  # toy default, typed flag
+    assert not (out / "images").exists()  # ESD trains on prompts alone
+
+    erased, _, _ = Runtime("toy", device="cpu").pipeline(unet=str(out))
+    classifier = load_classifier()
+    stars_before = Counter(predict(classifier, draw(toy_pipe, "a star", 8))["shape"])["star"]
+    stars_after = Counter(predict(classifier, draw(erased, "a star", 8))["shape"])["star"]
+    circles_after = Counter(predict(classifier, draw(erased, "a red circle on grass", 8))["shape"])["circle"]
+    assert stars_before >= 6 and stars_after <= stars_before - 4, (stars_before, stars_after)
+    assert circles_after >= 5  # the model still draws, it did not collapse

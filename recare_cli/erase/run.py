@@ -138,6 +138,8 @@ def input_hashes(request: EraseRequest) -> dict:
     from recare_cli.careset import list_images
 
     hashes = {}
+    if request.method != "recare":
+        return hashes  # ESD trains on prompts alone: no image or CARE-set input can change its weights
     if request.images is not None:
         digest = hashlib.sha256()
         for image in list_images(request.images):
@@ -215,7 +217,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     careset_given = None
     if is_recare and request.careset is not None:
         careset_given = _read_careset(Path(request.careset))
-    hashes = input_hashes(request)  # also checks that --images holds images
+    hashes = input_hashes(request)  # for ReCARE, also checks that --images holds images
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
     cache_name = f"{slug('-'.join(concepts))}-{digest}"
@@ -242,10 +244,12 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
         manifest["stages"] = record
         write_json(run_dir / MANIFEST, manifest)
 
-    stage_names = _stage_names(request, need_images=request.images is None, need_careset=is_recare and careset_given is None)
+    # ESD trains on prompts alone: only ReCARE's inversion and CARE set need images.
+    need_images = is_recare and request.images is None
+    stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
     stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
     with stages.outer():
-        images_dirs = _training_images(request, plans, run_dir, runtime, stages, reporter)
+        images_dirs = _training_images(request, plans, run_dir, runtime, stages, reporter) if is_recare else {}
         if is_recare:
             careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
             _write_careset(run_dir, request, careset, plans)

@@ -104,9 +104,9 @@ def load_classifier():
 
 
 def write_word_list(path: Path) -> Path:
-    """The toy world's words plus distractors, one a line: the candidate list of toy CARE sets."""
+    """The toy world's words, one a line: the candidate list of toy CARE sets."""
     from recare_cli.fsutil import write_text
     from recare_cli.toy import world
 
-    write_text(path, "\n".join(world.WORLD_WORDS + world.DISTRACTORS) + "\n")
+    write_text(path, "\n".join(world.WORLD_WORDS) + "\n")
     return path
