@@ -139,6 +139,8 @@ def input_hashes(request: EraseRequest) -> dict:
 
     hashes = {}
     if request.method != "recare":
+        if request.images is not None:
+            list_images(request.images)  # a bad --images is still a mistake worth telling
         return hashes  # ESD trains on prompts alone: no image or CARE-set input can change its weights
     if request.images is not None:
         digest = hashlib.sha256()
@@ -217,7 +219,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     careset_given = None
     if is_recare and request.careset is not None:
         careset_given = _read_careset(Path(request.careset))
-    hashes = input_hashes(request)  # for ReCARE, also checks that --images holds images
+    hashes = input_hashes(request)  # also checks that --images holds images
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
     cache_name = f"{slug('-'.join(concepts))}-{digest}"
