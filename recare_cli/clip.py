@@ -348,9 +348,9 @@ def _tiny_random_digest() -> str:
 
 
 def _toy_digest() -> str:
-    from recare_cli.models import builtin_digest
+    from recare_cli.models import TOY_FILES, builtin_digest
 
-    return builtin_digest(("toy/toy.json", "toy/toy.safetensors"))
+    return builtin_digest(TOY_FILES)
 
 
 # name -> (config and weights, digest of what they are made from)

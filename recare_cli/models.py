@@ -80,10 +80,12 @@ def build_toy(folder: Path) -> None:
     build_pipeline(folder)
 
 
+TOY_FILES = ("toy/toy.json", "toy/toy.safetensors")  # under recare_cli/data/; also the toy CLIP's source
+
 # name -> (builder, package data files whose hash decides when a cached copy is stale)
 BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "tiny-random": (build_tiny_random, ("tiny-random.json",)),
-    "toy": (build_toy, ("toy/toy.json", "toy/toy.safetensors")),
+    "toy": (build_toy, TOY_FILES),
 }
 
 

@@ -17,7 +17,6 @@ from recare_cli.errors import RecareError
 TOY_DIR = Path(__file__).resolve().parent.parent / "data" / "toy"
 TOY_JSON = "toy.json"
 TOY_WEIGHTS = "toy.safetensors"
-SOURCE_FILES = (TOY_DIR / TOY_JSON, TOY_DIR / TOY_WEIGHTS)
 
 
 def manifest(folder: Path = TOY_DIR) -> dict:
