@@ -46,7 +46,7 @@ def run(ctx: EvalContext) -> list[Row]:
     for i, image in enumerate(images):
         seen = {head: labels[head][i] for head in labels}
         rows.append(Row({"image": image.file}, dict(seen), detail=True))
-        for concept in named_concepts(image.prompt, heads) + ([target.lower()] if target else []):
+        for concept in dict.fromkeys(named_concepts(image.prompt, heads) + ([target.lower()] if target else [])):
             key = (image.prompt or "", concept)
             found, total = hits.get(key, (0, 0))
             hits[key] = (found + int(seen[heads[concept]] == concept), total + 1)
