@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from recare_cli.erase.denoise import NSTEPS
