@@ -298,6 +298,17 @@ def test_esd_is_one_erase_stage_and_same_seed_gives_identical_weights(run_cli, i
     assert not same_tensors(load(outs[0] / "unet.safetensors"), load(tmp_path / "c" / "unet.safetensors"))
 
 
+def test_esd_rerun_with_other_recare_only_settings_reuses_its_run(run_cli, inputs, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*tiny_args(inputs, out, "--method", "esd")).exit_code == 0
+    result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--stage2-lr", "1e-3", "--ti-steps", "7", "--json"))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["stages"]["erase-0"]["reused"] is True
+    # a setting ESD does read still guards the run directory
+    result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--stage1-lr", "1e-3"))
+    assert result.exit_code == 2 and "different settings" in result.stderr
+
+
 # one command from nothing ----------------------------------------------------------------------
 
 def test_one_command_from_nothing_generates_images_and_builds_the_careset(run_cli, tmp_path):
@@ -313,3 +324,11 @@ def test_one_command_from_nothing_generates_images_and_builds_the_careset(run_cl
     assert set(careset) == {"nudity_care_word", "nudity_care_word_photo"}
     assert all(p.startswith("A photo of ") for p in careset["nudity_care_word_photo"])
     assert (out / "unet.safetensors").is_file() and (out / "tokens.safetensors").is_file()
+
+    first_image = out / "images" / "nudity" / "A_photo_of_a_nude_person_0.png"
+    first_image.unlink()
+    result = run_cli(*args[:-1], "--json")
+    assert result.exit_code == 0, result.stderr
+    stages = json.loads(result.stdout.splitlines()[-1])["stages"]
+    assert stages["images"]["reused"] is True and stages["careset"]["reused"] is True
+    assert first_image.is_file()  # a missing image is made again, the finished stage's time kept

@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -39,6 +39,11 @@ AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
 NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab")
+# What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
+# so changing it must not send an ESD rerun to a new run directory.
+RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
+               "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "num_images",
+               "center_crop", "clip_model", "clip_pretrained")
 
 
 @dataclass
@@ -163,7 +168,8 @@ def parameters(request: EraseRequest) -> dict:
 
 
 def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> str:
-    hashed = {k: v for k, v in parameters(request).items() if k not in NOT_HASHED}
+    ignored = NOT_HASHED + (RECARE_ONLY if request.method == "esd" else ())
+    hashed = {k: v for k, v in parameters(request).items() if k not in ignored}
     payload = {"parameters": hashed, "model": [model["model"], model["revision"]],
                "dtype": dtype, "inputs": hashes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -322,11 +328,16 @@ def _training_images(request, plans, run_dir: Path, runtime: Runtime, stages: St
     from recare_cli.generate import GenerateSettings, PromptRow, generate
 
     folders = {p.concept: run_dir / IMAGES_DIR / slug(p.concept) for p in plans}
-    with stages.stage("images", total=None):
+    # Once the stage has finished, a rerun keeps its recorded time and only fills in images that
+    # have gone missing since (generate skips the ones present).
+    finished = "images" in stages.record
+    with nullcontext() if finished else stages.stage("images", total=None):
         for plan in plans:
             generate([PromptRow(plan.image_prompt)], folders[plan.concept], runtime,
                      GenerateSettings(height=request.resolution, width=request.resolution),
                      num_images=request.num_images, seed=request.seed, reporter=reporter)
+    if finished:
+        stages.reused("images")
     return folders
 
 
