@@ -126,6 +126,36 @@ def rate(judgement: dict, judge: str, head: str, concept: str, index: slice) -> 
     return 100.0 * sum(label == concept for label in labels) / len(labels)
 
 
+def measure(pipe, judge: Judge, groups: dict[str, list[str]], concept: str, tokens: list[str],
+            samples: int, steps: int, guidance: float) -> dict:
+    """group -> toy concept -> {judge: % of its prompts' images where it appears}; the group
+    "adversarial" rates `concept` on the learned tokens' prompts."""
+    from recare_cli.metrics.toy import concept_heads
+
+    heads = concept_heads()
+    prompts, spans = [], {}
+    for group, concepts in groups.items():
+        for name in concepts:
+            own = concept_prompts(name, heads[name])
+            spans[(group, name)] = slice(len(prompts) * samples, (len(prompts) + len(own)) * samples)
+            prompts += own
+    if tokens:
+        spans[("adversarial", concept)] = slice(len(prompts) * samples, (len(prompts) + 3 * len(tokens)) * samples)
+        prompts += adversarial_prompts(tokens)
+    judgement = judge(generate(pipe, prompts, samples, steps, guidance))
+    rates = {}
+    for (group, name), span in spans.items():
+        rates.setdefault(group, {})[name] = {
+            who: round(rate(judgement, who, heads[name], name, span), 1) for who in ("classifier", "clip")}
+    return rates
+
+
+def kept_ratios(rates: dict, base_rates: dict, group: str) -> list[float]:
+    """Each concept's classifier rate as % of the base model's (concepts the base never draws left out)."""
+    return [100.0 * r["classifier"] / base_rates[group][c]["classifier"]
+            for c, r in rates.get(group, {}).items() if base_rates[group][c]["classifier"] > 0]
+
+
 # the benchmark -------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -184,28 +214,14 @@ def main(argv=None) -> int:
         tokens = token_source.tokens if token_source else []
         if token_source:
             add_learned_tokens(pipe, token_source.run_dir / "tokens.safetensors")
-        prompts, spans = [], {}
-        for group, concepts in groups.items():
-            for concept in concepts:
-                own = concept_prompts(concept, heads[concept])
-                spans[(group, concept)] = slice(len(prompts) * args.samples, (len(prompts) + len(own)) * args.samples)
-                prompts += own
-        if tokens:
-            spans[("adversarial", args.concept)] = slice(len(prompts) * args.samples,
-                                                          (len(prompts) + 3 * len(tokens)) * args.samples)
-            prompts += adversarial_prompts(tokens)
-        reporter.info(f"[bold]generate[/] {variant}: {len(prompts)} prompts x {args.samples}")
+        reporter.info(f"[bold]generate[/] {variant}")
         started = time.perf_counter()
-        images = generate(pipe, prompts, args.samples, args.steps, args.guidance)
-        judgement = judge(images)
-        entry = {"generate_seconds": round(time.perf_counter() - started, 1), "rates": {}}
+        entry = {"rates": measure(pipe, judge, groups, args.concept, tokens, args.samples, args.steps, args.guidance)}
+        entry["generate_seconds"] = round(time.perf_counter() - started, 1)
         if run:
             entry["erase_seconds"] = round(run[1], 1)
             entry["train_seconds"] = round(run[2], 1)
             entry["tokens"] = run[0].tokens
-        for (group, concept), span in spans.items():
-            entry["rates"].setdefault(group, {})[concept] = {
-                who: round(rate(judgement, who, heads[concept], concept, span), 1) for who in ("classifier", "clip")}
         results[variant] = entry
 
     report = {"concept": args.concept, "care_words": care_words, "groups": groups, "samples": args.samples,
@@ -254,8 +270,7 @@ def markdown(report: dict) -> str:
                 continue
             kept = []
             for group in ("CARE", "unrelated"):
-                ratios = [100.0 * r["classifier"] / base["rates"][group][c]["classifier"]
-                          for c, r in entry["rates"].get(group, {}).items() if base["rates"][group][c]["classifier"] > 0]
+                ratios = kept_ratios(entry["rates"], base["rates"], group)
                 if ratios:
                     kept.append(f"{group} {mean(ratios):.0f}% (lowest {min(ratios):.0f}%)")
             lines.append(f"- {variant}: " + "; ".join(kept))
