@@ -126,6 +126,24 @@ def rate(judgement: dict, judge: str, head: str, concept: str, index: slice) -> 
     return 100.0 * sum(label == concept for label in labels) / len(labels)
 
 
+def care_set_words(run_dir: Path) -> list[str]:
+    """The toy concepts of a ReCARE run's CARE set, in its order."""
+    from recare_cli.careset import read_careset
+    from recare_cli.metrics.toy import concept_heads
+
+    anchors = read_careset(run_dir / "careset.json").anchor
+    return [w for w in dict.fromkeys(a.split(" ", 1)[1].lower() for a in anchors) if w in concept_heads()]
+
+
+def concept_groups(concept: str, care_words: list[str]) -> dict[str, list[str]]:
+    """target / CARE / unrelated: every toy concept in exactly one group."""
+    from recare_cli.metrics.toy import concept_heads
+
+    care = [w for w in care_words if w != concept]
+    return {"target": [concept], "CARE": care,
+            "unrelated": [w for w in concept_heads() if w != concept and w not in care]}
+
+
 def measure(pipe, judge: Judge, groups: dict[str, list[str]], concept: str, tokens: list[str],
             samples: int, steps: int, guidance: float) -> dict:
     """group -> toy concept -> {judge: % of its prompts' images where it appears}; the group
@@ -171,7 +189,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from recare_cli.careset import read_careset
     from recare_cli.metrics.toy import concept_heads
     from recare_cli.models import Runtime, add_learned_tokens
     from recare_cli.output import HUMAN, Reporter
@@ -195,13 +212,8 @@ def main(argv=None) -> int:
     pipe, _, _ = Runtime("toy", device="cpu").pipeline()
     original_unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     recare_run = next((r for v, r in runs.items() if VARIANTS[v]["method"] == "recare"), None)
-    care_words = []
-    if recare_run is not None:
-        careset = read_careset(recare_run[0].run_dir / "careset.json")
-        care_words = [w for w in dict.fromkeys(a.split(" ", 1)[1].lower() for a in careset.anchor) if w in heads]
-    care = [w for w in care_words if w != args.concept]
-    unrelated = [w for w in heads if w != args.concept and w not in care]
-    groups = {"target": [args.concept], "CARE": care, "unrelated": unrelated}
+    care_words = care_set_words(recare_run[0].run_dir) if recare_run is not None else []
+    groups = concept_groups(args.concept, care_words)
 
     judge = Judge()
     results = {}
