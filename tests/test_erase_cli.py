@@ -73,6 +73,7 @@ def _careset_file(inputs, name: str, data) -> Path:
 @pytest.mark.parametrize("case", [
     "unknown-concept", "careset-missing-key", "careset-empty-list", "careset-two-retain-lists",
     "empty-image-dir", "initializer-not-one-token", "zero-rounds", "care-vocab-missing", "care-top-k-zero",
+    "erase-from-count", "erase-from-empty",
 ])
 def test_bad_input_fails_with_one_line(run_cli, inputs, tmp_path, case):
     out = tmp_path / "run"
@@ -109,6 +110,12 @@ def test_bad_input_fails_with_one_line(run_cli, inputs, tmp_path, case):
     elif case == "care-top-k-zero":
         args += ["--care-top-k", "0"]
         message = "--care-top-k"
+    elif case == "erase-from-count":
+        args += ["--erase-from", "a person", "--erase-from", "a body"]
+        message = "--erase-from given 2 times for 1 concepts"
+    elif case == "erase-from-empty":
+        args += ["--erase-from", " "]
+        message = "--erase-from is empty"
     result = run_cli(*args)
     assert result.exit_code == expected_code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -307,6 +314,19 @@ def test_esd_rerun_with_other_recare_only_settings_reuses_its_run(run_cli, input
     # a setting ESD does read still guards the run directory
     result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--stage1-lr", "1e-3"))
     assert result.exit_code == 2 and "different settings" in result.stderr
+
+
+def test_esd_erase_from_trains_another_prompt_and_is_recorded(run_cli, inputs, tmp_path):
+    plain, same, other = tmp_path / "plain", tmp_path / "same", tmp_path / "other"
+    assert run_cli(*tiny_args(inputs, plain, "--method", "esd")).exit_code == 0
+    assert run_cli(*tiny_args(inputs, same, "--method", "esd", "--erase-from", "nudity")).exit_code == 0
+    result = run_cli(*tiny_args(inputs, other, "--method", "esd", "--erase-from", "a photo of a person"))
+    assert result.exit_code == 0, result.stderr
+    # Erasing the concept from itself is the default; from another prompt, other weights.
+    assert same_tensors(load(plain / "unet.safetensors"), load(same / "unet.safetensors"))
+    assert not same_tensors(load(plain / "unet.safetensors"), load(other / "unet.safetensors"))
+    manifest = json.loads((other / "recare-run.json").read_text())
+    assert manifest["parameters"]["erase_from"] == ["a photo of a person"]
 
 
 # one command from nothing ----------------------------------------------------------------------

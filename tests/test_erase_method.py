@@ -244,6 +244,26 @@ def test_erase_loss_falls_on_tiny_random(tiny_pipe, tmp_path):
     assert after < 0.5 * before
 
 
+def test_erase_from_conditions_only_the_trained_prediction(models, tmp_path, monkeypatch):
+    from recare_cli.erase.loop import StageLoop
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.erase.stage1 import EraseSettings, erase_stage
+
+    concept, source = "a photo of a cat", "a painting"
+    calls = []  # (trained?, embeds of the last prompt in the batch)
+    eps = models.eps
+    monkeypatch.setattr(models, "eps", lambda latents, t, embeds, weights=None:
+                        calls.append((weights is None and torch.is_grad_enabled(), embeds[-1:].detach().clone()))
+                        or eps(latents, t, embeds, weights=weights))
+    settings = EraseSettings(iterations=2, lr=1e-4, resolution=64, prefix_steps=1)
+    erase_stage(models, select_trainable(models.unet, "xattn"), [concept], settings,
+                StageLoop(tmp_path, "erase-0", 2, 0, 1000), erase_from=[source])
+    trained = [embeds for is_trained, embeds in calls if is_trained]
+    frozen = [embeds for is_trained, embeds in calls if not is_trained]
+    assert len(trained) == 2 and all(torch.equal(e, models.embed([source])) for e in trained)
+    assert not any(torch.equal(e, models.embed([source])) for e in frozen)
+
+
 def test_inversion_moves_only_the_new_token_row(models, tmp_path):
     from PIL import Image
 

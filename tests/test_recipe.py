@@ -90,6 +90,19 @@ def test_a_name_list_is_one_run(tmp_path):
     assert recipe.entries == [{"concepts": ["tench", "church"], "concept_type": "object"}]
 
 
+def test_erase_from_is_a_name_or_a_list_of_names(tmp_path):
+    from recare_cli.erase.recipe import parse_recipe
+    from recare_cli.errors import UsageError
+
+    recipe = parse_recipe({"erase-from": "painting",
+                           "concept": [{"concept": "Van Gogh"}, {"concept": ["a", "b"], "erase_from": ["x", "y"]}]},
+                          tmp_path / "r.toml")
+    assert recipe.defaults == {"erase_from": ["painting"]}
+    assert recipe.entries[1]["erase_from"] == ["x", "y"]
+    with pytest.raises(UsageError, match="'erase-from' must be a name or a list of names"):
+        parse_recipe({"concept": [{"concept": "a", "erase-from": 3}]}, tmp_path / "r.toml")
+
+
 # bad recipes: one line, exit 2, nothing run -----------------------------------------------------
 
 BAD = {

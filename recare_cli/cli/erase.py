@@ -39,6 +39,10 @@ def erase(
     iterations: Annotated[int, typer.Option(help="Erase iterations of every erase stage.")] = 200,
     negative_guidance: Annotated[float, typer.Option(help="Stage-1 negative guidance (2 = the neutral prediction).",
                                                      rich_help_panel=STAGE1)] = 2.0,
+    erase_from: Annotated[Optional[list[str]], typer.Option(
+        help="Prompt whose prediction is trained when erasing the concept (the reference's erase_from; "
+             "default: the concept itself). Once for every --concept, or once per --concept in order; "
+             "stage 1's first round (all of --method esd).", rich_help_panel=STAGE1)] = None,
     stage1_lr: Annotated[float, typer.Option(help="Stage-1 (and esd) AdamW learning rate.", rich_help_panel=STAGE1)] = 0.5e-5,
     ti_lr: Annotated[float, typer.Option(help="Textual-inversion learning rate.", rich_help_panel=STAGE1)] = 5e-3,
     ti_steps: Annotated[int, typer.Option(help="Textual-inversion steps per round.", rich_help_panel=STAGE1)] = 3000,
@@ -108,7 +112,7 @@ def erase(
     if recipe is None and not concept:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable) or --recipe FILE.toml")
     request = EraseRequest(
-        concepts=concept or [], method=method, concept_type=concept_type, train_method=train_method,
+        concepts=concept or [], erase_from=erase_from or [], method=method, concept_type=concept_type, train_method=train_method,
         iterations=iterations, negative_guidance=negative_guidance, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
         ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
         compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,

@@ -136,15 +136,16 @@ def _settings(table: dict, where: str, base: Path, allowed: set[str]) -> dict:
         field = KEYS[name]
         if field in settings:
             raise UsageError(f"{where}: '{name}' is set twice", hint="keep one of its spellings")
-        settings[field] = _concepts(value, where) if field == "concepts" else _convert(name, value, field, base, where)
+        is_list = FIELD_TYPES[field] == list[str]
+        settings[field] = _names(name, value, where) if is_list else _convert(name, value, field, base, where)
     return settings
 
 
-def _concepts(value, where: str) -> list[str]:
+def _names(name: str, value, where: str) -> list[str]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise UsageError(f"{where}: 'concept' must be a name or a list of names (got {value!r})",
-                         hint='e.g. concept = "nudity"')
+        raise UsageError(f"{where}: '{name}' must be a name or a list of names (got {value!r})",
+                         hint=f'e.g. {name} = "nudity"')
     return names
 
 

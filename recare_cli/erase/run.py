@@ -51,6 +51,7 @@ class EraseRequest:
     """Everything `recare erase` was asked; defaults are recare-method.md's."""
 
     concepts: list[str]
+    erase_from: list[str] = field(default_factory=list)  # one for every concept, or one per concept
     method: str = "recare"
     concept_type: str | None = None
     train_method: str = "noxattn"
@@ -104,6 +105,11 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
     if not request.concepts:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
     check_train_method(request.train_method)
+    if len(request.erase_from) not in (0, 1, len(request.concepts)):
+        raise UsageError(f"--erase-from given {len(request.erase_from)} times for {len(request.concepts)} concepts",
+                         hint="give it once (for every --concept) or once per --concept, in the same order")
+    if any(not prompt.strip() for prompt in request.erase_from):
+        raise UsageError("--erase-from is empty", hint="name the prompt to erase the concept from, e.g. painting")
     positive = {"--iterations": request.iterations, "--num-images": request.num_images,
                 "--checkpoint-every": request.checkpoint_every, "--care-top-k": request.care_top_k,
                 "--care-top-n": request.care_top_n}
@@ -129,6 +135,15 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
         listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)
         raise UsageError(f"concepts erased together must share one type: {listed}", hint="pass --type, or run them separately")
     return plans
+
+
+def erase_from_prompts(request: EraseRequest) -> list[str]:
+    """What each distinct concept (in check_request's plan order) is erased from: --erase-from, else itself."""
+    given = request.erase_from * len(request.concepts) if len(request.erase_from) == 1 else request.erase_from
+    pairs: dict[str, str] = {}
+    for concept, prompt in zip(request.concepts, given or request.concepts):
+        pairs.setdefault(concept, prompt)
+    return list(pairs.values())
 
 
 # hashing -------------------------------------------------------------------------------------------
@@ -427,10 +442,11 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             load_into(trainable, _load_tensors(done)[0])
             stages.reused(name)
         else:
-            targets = concepts if r == 0 else [tokens[-1][0]]
+            # Later rounds erase the learned token from itself, as the reference does.
+            targets, erase_from = (concepts, erase_from_prompts(request)) if r == 0 else ([tokens[-1][0]], None)
             with stages.stage(name, request.iterations) as task:
                 stage_loop = loop(name, request.iterations, task)
-                erase_stage(models, trainable, targets, erase_settings, stage_loop)
+                erase_stage(models, trainable, targets, erase_settings, stage_loop, erase_from)
                 _save_tensors(done, trainable)
                 stage_loop.finish()
         if request.method == "esd":

@@ -1,8 +1,9 @@
 """Stage 1, step 1 (and the whole ESD baseline): erase concepts with single negative guidance.
 
 recare-method.md §4.1: from a partial-denoise latent z_k on the concept, train the UNet so its
-prediction for the concept matches `eps_pos - (g - 1) * update(eps_pos - eps_neu, eps_pos)`, where
-both frozen predictions come from the UNet as it was when this erase stage started.
+prediction for the concept (or for the prompt it is erased from, the reference's `erase_from`)
+matches `eps_pos - (g - 1) * update(eps_pos - eps_neu, eps_pos)`, where both frozen predictions
+come from the UNet as it was when this erase stage started.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class EraseSettings:
 
 
 def erase_stage(models: EraseModels, trainable: dict, concepts: list[str], settings: EraseSettings,
-                loop: StageLoop) -> None:
-    """Train `trainable` in place; each iteration erases one of `concepts`, drawn uniformly."""
+                loop: StageLoop, erase_from: list[str] | None = None) -> None:
+    """Train `trainable` in place; each iteration erases one of `concepts`, drawn uniformly.
+
+    `erase_from[i]` is the prompt whose prediction is trained when erasing `concepts[i]` (default:
+    the concept itself); the partial denoising and the frozen predictions stay on the concept.
+    """
+    erase_from = erase_from or concepts
     frozen = snapshot(trainable)
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr)
     buffer = MomentumBuffer(settings.knobs.momentum) if settings.knobs.momentum else None
@@ -41,8 +47,9 @@ def erase_stage(models: EraseModels, trainable: dict, concepts: list[str], setti
     start = loop.resume(trainable, optimizer, [buffer] if buffer else None)
     embeds_neutral = models.embed([""])
     for step in range(start, settings.iterations):
-        concept = concepts[np.random.choice(len(concepts))]
-        embeds_concept = models.embed([concept])
+        i = np.random.choice(len(concepts))
+        embeds_concept = models.embed([concepts[i]])
+        embeds_trained = embeds_concept if erase_from[i] == concepts[i] else models.embed([erase_from[i]])
         latents_k, t = draw_training_latent(models, torch.cat([embeds_neutral, embeds_concept]),
                                             settings.resolution, settings.prefix_steps)
 
@@ -52,7 +59,7 @@ def erase_stage(models: EraseModels, trainable: dict, concepts: list[str], setti
             eps_target = single_negative_target(eps_pos, eps_neu, settings.guidance_scale, settings.knobs, buffer)
 
         optimizer.zero_grad(set_to_none=True)
-        eps_theta = models.eps(latents_k, t, embeds_concept)
+        eps_theta = models.eps(latents_k, t, embeds_trained)
         loss = F.mse_loss(eps_theta, eps_target)
         loss.backward()
         optimizer.step()
