@@ -18,11 +18,11 @@ from pathlib import Path
 
 from recare_cli.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from recare_cli.errors import RecareError, UsageError
+from recare_cli.fsutil import list_images
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 CARESET_FILE = "careset.json"
 REPORT_FILE = "careset.report.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PROMPT_STYLES = ("photo", "style")
 RETAIN_MARKERS = ("photo", "painting")
 WORD_END = "</w>"
@@ -101,20 +101,6 @@ def read_careset(path) -> CareSet:
 
 
 # images and top-k ---------------------------------------------------------------------------
-
-def list_images(images_dir: Path) -> list[Path]:
-    """The folder's png/jpg/jpeg files in sorted name order (§6.2)."""
-    images_dir = Path(images_dir)
-    if not images_dir.exists():
-        raise RecareError(f"--images '{images_dir}' does not exist", hint="pass the folder of images of the concept")
-    if not images_dir.is_dir():
-        raise RecareError(f"--images '{images_dir}' is not a folder", hint="pass the folder of images of the concept")
-    paths = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise RecareError(f"no images in '{images_dir}' (looked for {', '.join(IMAGE_SUFFIXES)})",
-                          hint="generate some with `recare generate --prompt 'A photo of ...' --output-dir DIR`")
-    return paths
-
 
 def embed_images(clip, paths: Sequence[Path], reporter: Reporter = QUIET_REPORTER, batch_size: int = 32):
     """(L2-normalised image embeddings [n, d], paths used, paths skipped as unreadable)."""

@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import ensure_writable_dir, write_json, write_text
+from recare_cli.fsutil import IMAGE_SUFFIXES, ensure_writable_dir, list_images, write_json, write_text
 from recare_cli.generate import GenerateSettings, PromptRow, generate, plan_jobs, read_manifest
 from recare_cli.models import Runtime, library_versions, resolve_model, resolve_unet
 from recare_cli.output import QUIET_REPORTER, Reporter
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+EVAL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".webp",)
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 DELTA = "delta"
@@ -153,17 +153,6 @@ class EvalContext:
         ]
 
 
-def list_image_files(folder: Path, flag: str) -> list[Path]:
-    """The images directly inside `folder`, sorted; a UsageError if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"{flag} '{folder}' is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UsageError(f"{flag} '{folder}' holds no images", hint=f"expected {', '.join(IMAGE_SUFFIXES)} files")
-    return files
-
-
 def read_image_folder(folder: Path, flag: str) -> list[EvalImage]:
     """A folder's images, with prompts and seeds from its manifest.jsonl when `recare generate` wrote it."""
     try:
@@ -172,7 +161,7 @@ def read_image_folder(folder: Path, flag: str) -> list[EvalImage]:
         entries = {}
     return [
         EvalImage(path, entries.get(path.name, {}).get("prompt"), entries.get(path.name, {}).get("seed"))
-        for path in list_image_files(folder, flag)
+        for path in list_images(folder, flag, EVAL_IMAGE_SUFFIXES)
     ]
 
 

@@ -1,4 +1,4 @@
-"""Atomic writes: every output is written to a temporary sibling and renamed into place."""
+"""Files: atomic writes (every output goes to a temporary sibling, then is renamed into place) and image folders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from recare_cli.errors import RecareError
+from recare_cli.errors import RecareError, UsageError
+
+# The CARE set reads these (recare-method.md §6.2); eval also takes .webp.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _umask() -> int:
@@ -76,3 +79,17 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory")
             hint="choose another --output-dir or fix its permissions",
         ) from None
     return path
+
+
+def list_images(folder: str | os.PathLike, flag: str = "--images", suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The images directly inside `folder` (by suffix), in sorted name order; a UsageError naming `flag` if none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UsageError(f"{flag} '{folder}' does not exist", hint="pass a folder of images")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} '{folder}' is not a folder", hint="pass a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise UsageError(f"{flag} '{folder}' holds no images (looked for {', '.join(suffixes)})",
+                         hint="generate some with `recare generate --prompt 'A photo of ...' --output-dir DIR`")
+    return files

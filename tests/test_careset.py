@@ -274,8 +274,8 @@ def test_cli_style_concept_gets_painting_prompts_and_a_table(run_cli, images, vo
 
 
 @pytest.mark.parametrize("change, message, code", [
-    ({"--images": "missing"}, "does not exist", 1),
-    ({"--images": "empty"}, "no images in", 1),
+    ({"--images": "missing"}, "does not exist", 2),
+    ({"--images": "empty"}, "holds no images", 2),
     ({"--images": "unreadable"}, "none of the 2 images", 1),
     ({"--concept": "  "}, "--concept is empty", 2),
     ({"--concept": "!!"}, "no letter or digit", 2),

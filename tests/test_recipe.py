@@ -205,7 +205,7 @@ def test_a_failing_entry_is_reported_and_the_next_one_still_runs(run_cli, recipe
     assert result.exit_code == 1
     rows = [line for line in json_lines(result.stdout) if "entry" in line]
     assert [(r["status"], r["run_dir"] is None) for r in rows] == [("failed", True), ("reused", False)]
-    assert "no images in" in rows[0]["error"]
+    assert "holds no images" in rows[0]["error"]
     err = result.stderr.strip().splitlines()
     assert "[[concept]] #1 (nudity) failed" in err[0] and "going on with the next" in err[0]
     assert err[-1].startswith("Error: 1 of 2 recipe entries failed: #1 (nudity)") and " — " in err[-1]

@@ -155,7 +155,7 @@ def _file_digest(path: Path, digest) -> None:
 
 
 def input_hashes(request: EraseRequest) -> dict:
-    from recare_cli.careset import list_images
+    from recare_cli.fsutil import list_images
 
     hashes = {}
     if request.method != "recare":
@@ -409,7 +409,7 @@ def _write_careset(run_dir: Path, request: EraseRequest, careset, plans) -> None
 
 def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, reporter, careset) -> list[tuple[str, object]]:
     """Run (or reuse) every training stage; return the learned tokens as (name, embedding)."""
-    from recare_cli.careset import list_images
+    from recare_cli.fsutil import list_images
     from recare_cli.erase.context import load_into, snapshot
     from recare_cli.erase.guidance import GuidanceKnobs
     from recare_cli.erase.inversion import (

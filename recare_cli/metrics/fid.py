@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from recare_cli.errors import RecareError
-from recare_cli.evaluate import EvalContext, EvalImage, Row, list_image_files
+from recare_cli.evaluate import EVAL_IMAGE_SUFFIXES, EvalContext, EvalImage, Row
+from recare_cli.fsutil import list_images
 from recare_cli.metrics.common import pretrained_file, read_state_dict, score_images
 from recare_cli.models import is_offline
 
@@ -107,7 +108,7 @@ def run(ctx: EvalContext) -> list[Row]:
     model = ctx.shared(("inception", str(weights)), lambda: build_inception(weights))
     model.to(ctx.device)
     reference_dir = Path(ctx.option("reference_dir")).expanduser()
-    reference = [EvalImage(path) for path in list_image_files(reference_dir, "--reference-dir")]
+    reference = [EvalImage(path) for path in list_images(reference_dir, "--reference-dir", EVAL_IMAGE_SUFFIXES)]
     reference_stats = ctx.shared(("fid-reference", str(reference_dir.resolve()), str(weights)), lambda: feature_statistics(
         inception_features(ctx, model, reference, "fid reference")))
     images = ctx.images()
