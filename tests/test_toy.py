@@ -112,6 +112,13 @@ def test_toy_train_writes_a_loadable_model(smoke_toy, tmp_path):
     assert clip_state["token_embedding.weight"].shape == (49408, 64)
 
 
+def test_toy_train_from_the_same_seeds_writes_the_same_bytes(smoke_toy, run_cli, tmp_path):
+    again = run_cli("toy", "train", "--output", tmp_path / "out", "--work-dir", tmp_path / "work", "--fraction", "0.001")
+    assert again.exit_code == 0, again.stderr
+    first_run_bytes = (smoke_toy / "out" / "toy.safetensors").read_bytes()
+    assert (tmp_path / "out" / "toy.safetensors").read_bytes() == first_run_bytes
+
+
 def test_toy_train_resumes_from_finished_stages_and_refuses_to_overwrite(smoke_toy, run_cli):
     out, work = smoke_toy / "out", smoke_toy / "work"
     refused = run_cli("toy", "train", "--output", out, "--work-dir", work, "--fraction", "0.001")

@@ -1,6 +1,6 @@
 """Architectures and training settings of the toy world's models (shared/spec/toy-world-notes.md).
 
-One dict, hashed into the shipped file's metadata: when it changes, the shipped weights are stale.
+One dict, recorded in the shipped toy.json: `recare toy train` with it regenerates the shipped weights.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ TOY_CONFIG = {
             "sample_size": 32,
         },
         "train": {"steps": 1200, "batch_size": 32, "lr": 1e-3, "kl_weight": 1e-6},
+        # 1 / std of the trained VAE's latents, measured once and then fixed, as SD fixes 0.18215:
+        # the UNet is trained on latents times this value, so a retrain must not re-measure it.
+        "scaling_factor": 0.9433026909828186,
     },
     "text_encoder": {
         "hidden_size": 64,

@@ -269,14 +269,7 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
     vae_state = stage("vae", workdir / "vae.safetensors", lambda: train_vae(images, config, reporter))
     vae = _vae(config, vae_state)
     latent_mean, latent_std = encode_dataset(vae, images)
-    # The UNet is trained with this value, so a resumed run must reuse it, not draw it again.
-    scale_path = workdir / "scaling_factor.json"
-    if scale_path.is_file():
-        scaling_factor = json.loads(scale_path.read_text())["scaling_factor"]
-    else:
-        noise = torch.randn(latent_std.shape, generator=torch.Generator().manual_seed(config["seed"]))
-        scaling_factor = float(1.0 / (latent_mean + latent_std * noise).std())
-        write_json(scale_path, {"scaling_factor": scaling_factor})
+    scaling_factor = config["vae"]["scaling_factor"]
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer = build_tokenizer(Path(tokenizer_dir), config["text_encoder"]["max_position_embeddings"])
