@@ -22,16 +22,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=12345, help="dataset seed; the training set uses 1")
     args = parser.parse_args()
 
-    from diffusers import AutoencoderKL
-
     from recare_cli.toy import world
     from recare_cli.toy.classifier import HEADS, predict, to_pixels
-    from recare_cli.toy.package import load_classifier, manifest, weights
+    from recare_cli.toy.package import build_vae, load_classifier, manifest, weights
 
-    info = manifest()
-    vae = AutoencoderKL(**info["config"]["vae"]["model"], scaling_factor=info["scaling_factor"])
-    vae.load_state_dict(weights("vae"))
-    vae.eval()
+    vae = build_vae(manifest()["config"], weights("vae"))
     classifier = load_classifier()
 
     renders, _, labels = world.make_dataset(args.scenes, args.seed)

@@ -104,7 +104,7 @@ def test_toy_train_writes_a_loadable_model(smoke_toy, tmp_path):
     assert table.shape == (49408, 64) and 10 < int((table.abs().sum(1) > 0).sum()) < 200
     build_pipeline(tmp_path / "pipe", source=out)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
-    assert pipe.vae.config.scaling_factor == pytest.approx(manifest["scaling_factor"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(manifest["config"]["vae"]["scaling_factor"])
     image = pipe("a star", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
     clip_config, clip_state = clip_files(out)

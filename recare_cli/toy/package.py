@@ -59,17 +59,25 @@ def unpack_rows(state: dict, key: str, shape: tuple[int, int]) -> None:
     state[key] = table
 
 
+def build_vae(config: dict, state: dict):
+    """The toy AutoencoderKL of a toy config, with `state` loaded, in eval mode and frozen."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**config["vae"]["model"], scaling_factor=config["vae"]["scaling_factor"])
+    vae.load_state_dict(state)
+    return vae.eval().requires_grad_(False)
+
+
 def build_pipeline(folder: Path, source: Path = TOY_DIR) -> None:
     """Write the toy text-to-image model as a standard diffusers StableDiffusionPipeline folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from recare_cli.clipvocab import build_tokenizer
 
     info = manifest(source)
     config = info["config"]
-    vae = AutoencoderKL(**config["vae"]["model"], scaling_factor=info["scaling_factor"])
-    vae.load_state_dict(weights("vae", source))
+    vae = build_vae(config, weights("vae", source))
     unet = UNet2DConditionModel(**config["unet"]["model"])
     unet.load_state_dict(weights("unet", source))
     text_config = CLIPTextConfig(**config["text_encoder"])

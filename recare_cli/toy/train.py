@@ -2,7 +2,7 @@
 
 Stages, each saved under the work directory as it finishes so an interrupted run continues:
 dataset → VAE → text encoder + UNet → ground-truth classifier → toy CLIP → pack. The result is
-`toy.json` (architectures, latent scaling factor, how the training went) and `toy.safetensors`
+`toy.json` (the config, how the training went) and `toy.safetensors`
 (every weight in float16; token-embedding tables keep only the rows the captions train, since the
 other 49,000-odd rows of the CLIP vocabulary never receive a gradient).
 """
@@ -24,7 +24,7 @@ from recare_cli.fsutil import atomic_path, write_json
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.toy import world
 from recare_cli.toy.config import TOY_CONFIG
-from recare_cli.toy.package import TOY_JSON, TOY_WEIGHTS, pack_rows, text_embedding_key, write_word_list
+from recare_cli.toy.package import TOY_JSON, TOY_WEIGHTS, build_vae, pack_rows, text_embedding_key, write_word_list
 
 CLIP_EMBEDDING = "clip.token_embedding.weight"
 
@@ -94,14 +94,6 @@ def train_vae(images: np.ndarray, config: dict, reporter: Reporter) -> tuple[dic
     return vae.state_dict(), mse.item()
 
 
-def _vae(config: dict, state: dict):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**config["vae"]["model"])
-    vae.load_state_dict(state)
-    return vae.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def encode_dataset(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
@@ -117,8 +109,8 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float, caption_ids: torch.Tensor,
-               empty_ids: torch.Tensor, config: dict, reporter: Reporter) -> tuple[dict, dict, float]:
+def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_ids: torch.Tensor, empty_ids: torch.Tensor,
+               config: dict, reporter: Reporter) -> tuple[dict, dict, float]:
     """Text encoder and UNet together, epsilon prediction, SD's noise schedule."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -139,7 +131,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, settings["lr"], settings.get("warmup", 0))
             latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator))
-            latents = latents * scaling_factor
+            latents = latents * config["vae"]["scaling_factor"]
             ids = caption_ids[idx].clone()
             dropped = torch.rand(len(idx), generator=generator) < settings["caption_dropout"]
             ids[dropped] = empty_ids
@@ -267,9 +259,8 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
     labels = {k: data[k] for k in ("shape", "colour", "background", "style")}
 
     vae_state = stage("vae", workdir / "vae.safetensors", lambda: train_vae(images, config, reporter))
-    vae = _vae(config, vae_state)
+    vae = build_vae(config, vae_state)
     latent_mean, latent_std = encode_dataset(vae, images)
-    scaling_factor = config["vae"]["scaling_factor"]
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer = build_tokenizer(Path(tokenizer_dir), config["text_encoder"]["max_position_embeddings"])
@@ -277,8 +268,7 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
     empty_ids = tokenize(tokenizer, [""])[0]
 
     def run_unet():
-        unet_state, text_state, loss = train_unet(latent_mean, latent_std, scaling_factor, caption_ids, empty_ids,
-                                                  config, reporter)
+        unet_state, text_state, loss = train_unet(latent_mean, latent_std, caption_ids, empty_ids, config, reporter)
         return {**{f"unet.{k}": v for k, v in unet_state.items()},
                 **{f"text_encoder.{k}": v for k, v in text_state.items()}}, loss
 
@@ -304,7 +294,6 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
     pack_rows(weights, CLIP_EMBEDDING, rows)
     manifest = {
         "config": config,
-        "scaling_factor": scaling_factor,
         "training": record,
         "fraction": fraction,
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
