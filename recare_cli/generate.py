@@ -188,8 +188,14 @@ def generate(
     seed: int = 42,
     reporter: Reporter = QUIET_REPORTER,
     record: dict | None = None,
+    pipe=None,
 ) -> GenerateSummary:
-    """Generate every planned image that is missing (or all, with overwrite) into `output_dir`."""
+    """Generate every planned image that is missing (or all, with overwrite) into `output_dir`.
+
+    `pipe`, a pipeline the caller already holds, is used as it is (its weights, dtype, device and
+    scheduler) instead of loading `runtime`'s: erase renders its training images with the model it
+    is about to train when their dtypes agree.
+    """
     settings = settings or GenerateSettings()
     if settings.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {settings.batch_size})")
@@ -199,7 +205,7 @@ def generate(
     created = not Path(output_dir).exists()
     output_dir = ensure_writable_dir(output_dir)
     try:
-        pending = _generate_missing(jobs, output_dir, runtime, settings, reporter)
+        pending = _generate_missing(jobs, output_dir, runtime, settings, reporter, pipe)
     except BaseException:
         if created:
             with suppress(OSError):
@@ -219,7 +225,7 @@ def generate(
 
 
 def _generate_missing(
-    jobs: list[ImageJob], output_dir: Path, runtime: Runtime, settings: GenerateSettings, reporter: Reporter
+    jobs: list[ImageJob], output_dir: Path, runtime: Runtime, settings: GenerateSettings, reporter: Reporter, pipe=None
 ) -> list[ImageJob] | None:
     """Render this process's share of the missing images; the jobs that were missing, or None off the main process."""
     pending = [j for j in jobs if settings.overwrite or not is_readable_image(output_dir / j.file)]
@@ -230,10 +236,11 @@ def _generate_missing(
         reporter = QUIET_REPORTER  # one progress bar and one summary, from the main process
     mine = pending[rank::world]
     if mine:
-        # Under accelerate each process owns one accelerator; an explicit --device cpu still wins.
-        device = str(state.device) if state is not None and runtime.device in ("auto", "cuda") else None
-        pipe, ref, _ = runtime.pipeline(settings.unet, settings.scheduler, device=device)
-        reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {ref.spec} on {pipe.device}")
+        if pipe is None:
+            # Under accelerate each process owns one accelerator; an explicit --device cpu still wins.
+            device = str(state.device) if state is not None and runtime.device in ("auto", "cuda") else None
+            pipe, _, _ = runtime.pipeline(settings.unet, settings.scheduler, device=device)
+        reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {runtime.resolve().spec} on {pipe.device}")
         render_images(pipe, mine, output_dir, settings, reporter)
     if state is not None:
         state.wait_for_everyone()

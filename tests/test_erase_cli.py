@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 CARESET = {"nudity_care_word": ["A man", "A woman", "A beach"],
            "nudity_care_word_photo": ["A photo of man", "A photo of woman", "A photo of beach"]}
@@ -15,8 +16,6 @@ CARESET = {"nudity_care_word": ["A man", "A woman", "A beach"],
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_model) -> dict:
     """Training images, a CARE set (and tiny-random built beforehand, whose build prints a bar)."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("erase-inputs")
     images = root / "images"
     images.mkdir()
@@ -331,19 +330,32 @@ def test_esd_erase_from_trains_another_prompt_and_is_recorded(run_cli, inputs, t
 
 # one command from nothing ----------------------------------------------------------------------
 
-def test_one_command_from_nothing_generates_images_and_builds_the_careset(run_cli, tmp_path):
+def test_one_command_from_nothing_generates_images_and_builds_the_careset(run_cli, tmp_path, monkeypatch):
+    from recare_cli.models import Runtime
+
+    loads = []
+    load_pipeline = Runtime.pipeline
+    monkeypatch.setattr(Runtime, "pipeline", lambda self, *a, **k: loads.append(self.dtype) or load_pipeline(self, *a, **k))
     out = tmp_path / "run"
     args = ["erase", "--concept", "nudity", "--model", "tiny-random", "--device", "cpu", "--resolution", "64",
             "--num-images", "2", "--iterations", "1", "--ti-steps", "1", "--rounds", "1", "--prefix-steps", "1",
             "--output-dir", out, "--quiet"]
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
+    assert loads == ["fp32"]  # the training pipeline renders the images too
     assert sorted(p.name for p in (out / "images" / "nudity").glob("*.png")) == \
         ["A_photo_of_a_nude_person_0.png", "A_photo_of_a_nude_person_1.png"]
     careset = json.loads((out / "careset.json").read_text())
     assert set(careset) == {"nudity_care_word", "nudity_care_word_photo"}
     assert all(p.startswith("A photo of ") for p in careset["nudity_care_word_photo"])
     assert (out / "unet.safetensors").is_file() and (out / "tokens.safetensors").is_file()
+    # Rendered with the training pipeline, the images are exactly what `recare generate` draws.
+    alone = tmp_path / "alone"
+    result = run_cli("generate", "-p", "A photo of a nude person", "--model", "tiny-random", "--device", "cpu",
+                     "--height", "64", "--width", "64", "--num-images", "2", "--output-dir", alone, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    for name in ("A_photo_of_a_nude_person_0.png", "A_photo_of_a_nude_person_1.png"):
+        assert np.array_equal(np.asarray(Image.open(alone / name)), np.asarray(Image.open(out / "images" / "nudity" / name)))
 
     first_image = out / "images" / "nudity" / "A_photo_of_a_nude_person_0.png"
     first_image.unlink()

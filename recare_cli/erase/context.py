@@ -39,6 +39,7 @@ class EraseModels:
     device: str
     autocast_dtype: torch.dtype | None = None
     counter: ForwardCounter | None = None
+    pipe: object = None  # the pipeline the models came from, to render training images with
     _embeds: dict = field(default_factory=dict)
 
     @classmethod
@@ -51,7 +52,7 @@ class EraseModels:
         pipe.text_encoder.eval()
         pipe.vae.eval()
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, DDIMTimes(scheduler),
-                   device, autocast_dtype, ForwardCounter(pipe.unet))
+                   device, autocast_dtype, ForwardCounter(pipe.unet), pipe)
 
     def autocast(self):
         if self.autocast_dtype is None:

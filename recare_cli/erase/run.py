@@ -272,7 +272,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
     stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
     with stages.outer():
-        images_dirs = _training_images(request, plans, run_dir, runtime, stages, reporter) if is_recare else {}
+        images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter) if is_recare else {}
         if is_recare:
             careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
             _write_careset(run_dir, request, careset, plans)
@@ -336,11 +336,18 @@ def _load_models(runtime: Runtime, request: EraseRequest):
 
 # inputs: images and CARE set ---------------------------------------------------------------
 
-def _training_images(request, plans, run_dir: Path, runtime: Runtime, stages: Stages, reporter) -> dict[str, Path]:
+def _training_images(request, plans, run_dir: Path, runtime: Runtime, models, stages: Stages, reporter) -> dict[str, Path]:
     """Concept -> its image folder: --images for all, or generated into the run directory."""
     if request.images is not None:
         return {p.concept: Path(request.images) for p in plans}
+    import torch
+
     from recare_cli.generate import GenerateSettings, PromptRow, generate
+    from recare_cli.models import resolve_dtype
+
+    # Images are rendered in the run's dtype; when that is the training weights' float32 (the CPU
+    # default), the pipeline already loaded for training renders them: one load, one copy in memory.
+    same_dtype = resolve_dtype(runtime.dtype, models.device) == torch.float32
 
     folders = {p.concept: run_dir / IMAGES_DIR / slug(p.concept) for p in plans}
     # Once the stage has finished, a rerun keeps its recorded time and only fills in images that
@@ -350,7 +357,8 @@ def _training_images(request, plans, run_dir: Path, runtime: Runtime, stages: St
         for plan in plans:
             generate([PromptRow(plan.image_prompt)], folders[plan.concept], runtime,
                      GenerateSettings(height=request.resolution, width=request.resolution),
-                     num_images=request.num_images, seed=request.seed, reporter=reporter)
+                     num_images=request.num_images, seed=request.seed, reporter=reporter,
+                     pipe=models.pipe if same_dtype else None)
     if finished:
         stages.reused("images")
     return folders
