@@ -391,11 +391,13 @@ def build_careset(
     device: str = "cpu",
     reporter: Reporter = QUIET_REPORTER,
     overwrite: bool = True,
+    clip=None,
 ) -> CaresetResult:
     """Build careset.json + careset.report.json in `output_dir` (recare-method.md §6).
 
     `overwrite=False` refuses an existing careset.json (the CLI's default); programs that own
-    `output_dir`, such as a resumed erase run, rebuild in place.
+    `output_dir`, such as a resumed erase run, rebuild in place. `clip`, a loaded `ClipModel`,
+    replaces loading `clip_model`/`clip_pretrained` (erase builds one CARE set per concept with it).
     """
     from recare_cli.clip import load_clip, vocab_embeddings
     from recare_cli.clipvocab import vocab
@@ -410,7 +412,7 @@ def build_careset(
         raise RecareError(f"'{careset_path}' already exists", hint="pass --overwrite or another --output-dir")
     ensure_writable_dir(output_dir)
 
-    clip = load_clip(clip_model, clip_pretrained, cache_dir=cache_dir, offline=offline, device=device)
+    clip = clip or load_clip(clip_model, clip_pretrained, cache_dir=cache_dir, offline=offline, device=device)
     vocabulary = vocab()
     candidates = (_read_vocab_file(vocab_file, vocabulary, reporter) if vocab_file is not None
                   else list(range(len(vocabulary))))
@@ -445,7 +447,7 @@ def build_careset(
     anchor, retain = careset.values()
     report = {
         "concept": concept, "key": careset_key(concept), "prompt_style": prompt_style,
-        "clip": {"model": clip_model, "pretrained": clip.pretrained, "key": clip.key},
+        "clip": {"model": clip.name, "pretrained": clip.pretrained, "key": clip.key},
         "images": {"folder": str(images_dir), "used": len(used), "skipped": [p.name for p in skipped]},
         "params": {"top_k_per_image": top_k_per_image, "top_n_tokens": top_n_tokens, "n_clusters": n_clusters,
                    "k_each_side": k_each_side, "min_cluster_size": min_cluster_size, "alpha": alpha, "seed": seed,

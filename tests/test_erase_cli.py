@@ -364,3 +364,26 @@ def test_one_command_from_nothing_generates_images_and_builds_the_careset(run_cl
     stages = json.loads(result.stdout.splitlines()[-1])["stages"]
     assert stages["images"]["reused"] is True and stages["careset"]["reused"] is True
     assert first_image.is_file()  # a missing image is made again, the finished stage's time kept
+
+
+def test_several_concepts_from_nothing_share_one_run_and_one_clip(run_cli, tmp_path, monkeypatch):
+    import recare_cli.clip
+
+    loads = []
+    load_clip = recare_cli.clip.load_clip
+    monkeypatch.setattr(recare_cli.clip, "load_clip", lambda *a, **k: loads.append(a) or load_clip(*a, **k))
+    out = tmp_path / "run"
+    result = run_cli("erase", "--concept", "nudity", "--concept", "tench", "--type", "object", "--model", "tiny-random",
+                     "--device", "cpu", "--resolution", "64", "--num-images", "2", "--iterations", "1", "--ti-steps", "1",
+                     "--rounds", "1", "--prefix-steps", "1", "--output-dir", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert len(loads) == 1  # one CLIP for both concepts' CARE sets
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["nudity", "tench"]
+    assert len(list((out / "images" / "tench").glob("A_photo_of_tench_*.png"))) == 2
+    built = {c: json.loads((out / "stages" / f"careset-{c}" / "careset.json").read_text()) for c in ("nudity", "tench")}
+    careset = json.loads((out / "careset.json").read_text())
+    anchors = careset["nudity_tench_care_word"]
+    # The run's CARE set is the union of the two, each word once, in order.
+    assert anchors == list(dict.fromkeys(built["nudity"]["nudity_care_word"] + built["tench"]["tench_care_word"]))
+    manifest = json.loads((out / "recare-run.json").read_text())
+    assert manifest["concepts"] == ["nudity", "tench"] and manifest["status"] == "complete"

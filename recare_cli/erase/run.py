@@ -379,6 +379,7 @@ def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
 def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages: Stages, reporter):
     """One CARE set per concept from its images (reused when already built), merged into one."""
     from recare_cli.careset import CareSet, build_careset
+    from recare_cli.clip import load_clip
 
     existing = run_dir / CARESET_FILE
     if existing.is_file():
@@ -386,13 +387,14 @@ def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime,
         return _read_careset(existing)
     anchors, retains, keys = [], [], []
     with stages.stage("careset", total=None):
+        clip = load_clip(_clip_model(request, runtime), request.clip_pretrained, cache_dir=runtime.cache_dir,
+                         offline=runtime.offline, device=runtime.torch_device())
         for plan in plans:
             built = build_careset(
                 plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
-                prompt_style=plan.care_style, clip_model=_clip_model(request, runtime),
-                clip_pretrained=request.clip_pretrained, vocab_file=request.care_vocab,
-                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed, cache_dir=runtime.cache_dir,
-                offline=runtime.offline, device=runtime.torch_device(), reporter=reporter,
+                prompt_style=plan.care_style, clip=clip, vocab_file=request.care_vocab,
+                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed,
+                cache_dir=runtime.cache_dir, reporter=reporter,
             )
             careset = _read_careset(Path(built.path))
             anchors += careset.anchor
