@@ -74,7 +74,7 @@ def cli_markdown() -> str:
     from recare_cli.cli.common import COMMON_PANEL
 
     root = _root_command()
-    root_ctx = Context(root, info_name=PROG)
+    root_ctx = Context(root, info_name=PROG, **root.context_settings)  # -h as well as --help
     sections: list[str] = []
     # The options every model-using command shares are documented once, in their own section.
     common: dict[str, tuple[str, str]] = {}

@@ -42,8 +42,16 @@ def test_help_documents_commands_and_exit_codes(run_cli):
     result = run_cli("--help")
     assert result.exit_code == 0
     assert "Exit codes: 0 ok, 1 error, 2 usage, 3 model not available" in " ".join(result.stdout.split())
+    assert "130 interrupted" in " ".join(result.stdout.split())
     for name in [*COMMANDS, "cache"]:
         assert name in result.stdout
+
+
+def test_defaults_written_in_help_text_survive_rich_rendering(run_cli):
+    # rich reads "[default: 0.75]" inside a help string as markup and prints nothing for it
+    cells = "".join(c for c in run_cli("eval", "--help").stdout if c not in "│ \n")  # help wraps in table cells
+    for default in ("(default:0.75)", "(default:object5,style3)", "(default:openai)"):
+        assert default in cells
 
 
 def test_no_arguments_shows_the_help(run_cli):

@@ -52,21 +52,21 @@ def evaluate(
     targets: Annotated[Optional[list[str]], _metric(
         "care: labels to score (repeatable or comma-separated), among the 82 CARE labels.", "--targets")] = None,
     labels_file: Annotated[Optional[Path], _metric("care: extra labels, one a line, added to the 82.")] = None,
-    threshold: Annotated[Optional[float], _metric("nudity: a class counts at this score or above [default: 0.75].")] = None,
+    threshold: Annotated[Optional[float], _metric("nudity: a class counts at this score or above (default: 0.75).")] = None,
     classes: Annotated[Optional[list[str]], _metric(
-        "nudity: NudeNet classes (repeatable or comma-separated) [default: the six *_EXPOSED].", "--classes")] = None,
+        "nudity: NudeNet classes (repeatable or comma-separated) (default: the six *_EXPOSED).", "--classes")] = None,
     target: Annotated[Optional[str], _metric("object/style/toy: the class to detect, by name or index (tench, 0, 'Van Gogh', star).")] = None,
     classifier_weights: Annotated[Optional[Path], _metric(
         "object: ResNet weights file (resnet50-11ad3fa6.pth); style: image-classification folder.")] = None,
     zero_shot: Annotated[bool, _metric("object: classify with CLIP over the ImageNet class names instead.")] = False,
-    top_k: Annotated[Optional[int], _metric("object/style: a hit is the target in the top k [default: object 5, style 3].",
+    top_k: Annotated[Optional[int], _metric("object/style: a hit is the target in the top k (default: object 5, style 3).",
                                             min=1)] = None,
     reference_dir: Annotated[Optional[Path], _metric("fid: folder of reference images (e.g. COCO-30k).")] = None,
     inception_weights: Annotated[Optional[Path], _metric("fid: Inception v3 weights (inception_v3_google-0cc3c7bd.pth).")] = None,
     clip_model: Annotated[Optional[str], _metric(
-        "care/clipscore/--zero-shot: open_clip model, folder, toy or tiny-random [default: ViT-B-32; the "
-        "built-in model's own CLIP with --model toy or tiny-random].")] = None,
-    clip_pretrained: Annotated[Optional[str], _metric("open_clip pretrained tag or weights file [default: openai].")] = None,
+        "care/clipscore/--zero-shot: open_clip model, folder, toy or tiny-random (default: ViT-B-32; the "
+        "built-in model's own CLIP with --model toy or tiny-random).")] = None,
+    clip_pretrained: Annotated[Optional[str], _metric("open_clip pretrained tag or weights file (default: openai).")] = None,
 ) -> None:
     """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score, toy world.
 

@@ -17,12 +17,12 @@ def train(
     work_dir: Annotated[Path, typer.Option(
         help="Dataset and finished stages; a rerun continues from them.")] = Path("toy-model-work"),
     fraction: Annotated[float, typer.Option(
-        help="Scale every step count and the dataset (1 = the shipped recipe; 0.01 for a smoke test).",
+        help="Scale every step count and the dataset (1 = the shipped recipe; 0.001 for a smoke test).",
         min=0.0001, max=1.0)] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing toy model in --output.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
 ) -> None:
-    """Train the toy world's models from seeds (about 45 minutes on a 2-core CPU).
+    """Train the toy world's models from seeds (about 70 minutes on a 2-core CPU).
 
     To ship the result, copy --output's files into recare_cli/data/toy/.
     """
