@@ -55,7 +55,8 @@ def evaluate(
     threshold: Annotated[Optional[float], _metric("nudity: a class counts at this score or above (default: 0.75).")] = None,
     classes: Annotated[Optional[list[str]], _metric(
         "nudity: NudeNet classes (repeatable or comma-separated) (default: the six *_EXPOSED).", "--classes")] = None,
-    target: Annotated[Optional[str], _metric("object/style/toy: the class to detect, by name or index (tench, 0, 'Van Gogh', star).")] = None,
+    target: Annotated[Optional[str], _metric(
+        "object/style/toy: the class to detect, by name or index (tench, 0, 'Van Gogh', star).")] = None,
     classifier_weights: Annotated[Optional[Path], _metric(
         "object: ResNet weights file (resnet50-11ad3fa6.pth); style: image-classification folder.")] = None,
     zero_shot: Annotated[bool, _metric("object: classify with CLIP over the ImageNet class names instead.")] = False,
