@@ -218,14 +218,13 @@ def test_toy_clip_loads_as_a_builtin_and_knows_the_world(cache_dir):
 
 def test_toy_metric_scores_the_concepts_a_prompt_names(run_cli, tmp_path):
     result = run_cli("eval", "--model", "toy", "--device", "cpu", "--metric", "toy", "--target", "star",
-                     "--prompt", "a star at night", "--num-images", "8", "--steps", "10", "--batch-size", "8",
+                     "--prompt", "a star at night", "--num-images", "4", "--steps", "10", "--batch-size", "4",
                      "--output-dir", tmp_path / "eval", "--json")
     assert result.exit_code == 0, result.stderr
     rows = {(r["concept"]): r for r in map(json.loads, result.stdout.splitlines()) if r.get("concept")}
     assert set(rows) == {"star", "night"}
-    # a shape at random would be a star a quarter of the time
-    assert rows["star"]["appears_pct"] >= 60 and rows["night"]["appears_pct"] >= 75
-    assert {r["images"] for r in rows.values()} == {8}  # the target named in the prompt is counted once
+    assert rows["star"]["appears_pct"] >= 75 and rows["night"]["appears_pct"] >= 75
+    assert {r["images"] for r in rows.values()} == {4}  # the target named in the prompt is counted once
     bad = run_cli("eval", "--model", "toy", "--metric", "toy", "--target", "dog", "--prompt", "a dog",
                   "--output-dir", tmp_path / "bad")
     assert bad.exit_code == 2 and "not a toy-world concept" in bad.stderr
