@@ -54,6 +54,22 @@ def test_defaults_written_in_help_text_survive_rich_rendering(run_cli):
         assert default in cells
 
 
+def test_no_help_text_loses_words_to_rich_markup():
+    from rich.text import Text
+
+    from recare_cli.devtools import _root_command
+
+    def texts(command):
+        yield command.name, command.help or ""
+        for param in command.params:
+            yield f"{command.name} {param.name}", getattr(param, "help", None) or ""
+        for sub in getattr(command, "commands", {}).values():
+            yield from texts(sub)
+
+    eaten = [where for where, text in texts(_root_command()) if Text.from_markup(text).plain != text]
+    assert eaten == []
+
+
 def test_no_arguments_shows_the_help(run_cli):
     result = run_cli()
     assert result.exit_code == 2

@@ -54,7 +54,7 @@ def evaluate(
     labels_file: Annotated[Optional[Path], _metric("care: extra labels, one a line, added to the 82.")] = None,
     threshold: Annotated[Optional[float], _metric("nudity: a class counts at this score or above (default: 0.75).")] = None,
     classes: Annotated[Optional[list[str]], _metric(
-        "nudity: NudeNet classes (repeatable or comma-separated) (default: the six *_EXPOSED).", "--classes")] = None,
+        "nudity: NudeNet classes, repeatable or comma-separated (default: the six *_EXPOSED).", "--classes")] = None,
     target: Annotated[Optional[str], _metric(
         "object/style/toy: the class to detect, by name or index (tench, 0, 'Van Gogh', star).")] = None,
     classifier_weights: Annotated[Optional[Path], _metric(
