@@ -73,6 +73,22 @@ def test_embedding_rows_pack_and_unpack():
 
 # recare toy train ----------------------------------------------------------------------------------
 
+def test_unet_learning_rate_warms_up_holds_then_anneals_to_zero():
+    from recare_cli.toy.config import TOY_CONFIG
+    from recare_cli.toy.train import _lr_at, scaled_config
+
+    settings = TOY_CONFIG["unet"]["train"]
+    lr, steps, warmup, decay = settings["lr"], settings["steps"], settings["warmup"], settings["decay"]
+    rates = [_lr_at(step, settings) for step in range(steps)]
+    assert rates[0] == pytest.approx(lr / warmup) and rates[warmup - 1] == pytest.approx(lr)
+    assert rates[warmup:steps - decay] == [lr] * (steps - decay - warmup)
+    annealing = rates[steps - decay:]
+    assert annealing[0] == pytest.approx(lr) and all(a > b for a, b in zip(annealing, annealing[1:]))
+    assert annealing[decay // 2] == pytest.approx(lr / 2, rel=1e-3) and annealing[-1] < lr * 1e-5
+    smoke = scaled_config(0.001)["unet"]["train"]
+    assert 1 <= smoke["decay"] < smoke["steps"] - smoke["warmup"]
+
+
 @pytest.fixture(scope="module")
 def smoke_toy(tmp_path_factory):
     """A toy world trained for a few steps per stage (useless weights, real files)."""

@@ -22,7 +22,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing toy model in --output.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
 ) -> None:
-    """Train the toy world's models from seeds (about 70 minutes on a 2-core CPU).
+    """Train the toy world's models from seeds (about an hour on a 2-core CPU).
 
     To ship the result, copy --output's files into recare_cli/data/toy/.
     """

@@ -38,6 +38,8 @@ def scaled_config(fraction: float) -> dict:
             train = config[part]["train"]
             train["steps"] = max(2, int(train["steps"] * fraction))
             train["warmup"] = min(train.get("warmup", 0), train["steps"] // 2)
+            if "decay" in train:
+                train["decay"] = max(1, int(train["decay"] * fraction))
     return config
 
 
@@ -66,8 +68,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         yield torch.from_numpy(rng.integers(0, n, size=batch_size))
 
 
-def _lr_at(step: int, lr: float, warmup: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+def _lr_at(step: int, settings: dict) -> float:
+    """Linear warm-up, constant, then a cosine down to zero over the last `decay` steps."""
+    lr, warmup, decay, steps = settings["lr"], settings.get("warmup", 0), settings.get("decay", 0), settings["steps"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if decay and step >= steps - decay:
+        return lr * 0.5 * (1 + np.cos(np.pi * (step - (steps - decay)) / decay))
+    return lr
 
 
 # stages ------------------------------------------------------------------------------------------
@@ -129,7 +137,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_ids:
     with reporter.progress("toy UNet + text encoder", total=settings["steps"]) as task:
         for step, idx in enumerate(_batches(len(caption_ids), settings["batch_size"], settings["steps"], config["seed"] + 3)):
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, settings["lr"], settings.get("warmup", 0))
+                group["lr"] = _lr_at(step, settings)
             latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator))
             latents = latents * config["vae"]["scaling_factor"]
             ids = caption_ids[idx].clone()
