@@ -35,7 +35,7 @@ PRESETS = {
 # README "Toy world").
 TOY_WORDS = Path(__file__).resolve().parent / "data" / "toy" / "words.txt"
 MODEL_DEFAULTS: dict[str, dict] = {
-    "toy": {"resolution": 32, "num_images": 64, "iterations": 300, "stage1_lr": 3e-4, "stage2_lr": 5e-5,
+    "toy": {"resolution": 32, "num_images": 64, "iterations": 300, "stage1_lr": 3e-4, "stage2_lr": 1e-4,
             "ti_steps": 1000, "care_vocab": TOY_WORDS, "care_top_k": 5, "care_top_n": 12},
 }
 
