@@ -54,6 +54,7 @@ from recare_cli.fsutil import IMAGE_SUFFIXES, ensure_writable_dir, list_images, 
 from recare_cli.generate import GenerateSettings, PromptRow, generate, plan_jobs, read_manifest
 from recare_cli.models import Runtime, library_versions, resolve_model, resolve_unet
 from recare_cli.output import QUIET_REPORTER, Reporter
+from recare_cli.processes import launched_world, process_group
 
 EVAL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".webp",)
 RESULTS_CSV = "results.csv"
@@ -183,6 +184,7 @@ class EvalReport:
     models: list[dict]
     output_dir: Path
     files: list[str]
+    main_process: bool = True  # False in the other processes of an `accelerate launch` run: they only render
 
     def summary(self) -> list[dict]:
         return [r for r in self.records if not r.get("detail")]
@@ -247,6 +249,10 @@ def evaluate(
         reporter.warn("--prompt/--prompts-file unused: the images come from --images")
     if unet is not None:
         resolve_unet(unet, runtime.cache_dir)  # a mistyped --unet fails before anything is written
+    spread = launched_world() > 1
+    main_process = not spread or process_group(runtime)[0] == 0
+    if not main_process:
+        reporter = QUIET_REPORTER  # the main process alone reports
 
     primary = ModelUnderTest("erased" if unet else "model", runtime, unet)
     models = [primary] + ([compare_model(compare, primary)] if compare is not None else [])
@@ -265,6 +271,14 @@ def evaluate(
         contexts.append(ctx)
     output_dir = ensure_writable_dir(output_dir)
     check_results_free(output_dir, overwrite)
+    if spread:
+        # Every process renders its share of every model's images, all before the first metric:
+        # a process waiting inside `generate` while the main one measured would time out.
+        for ctx in contexts:
+            if ctx.prompts is not None:
+                ctx.images()
+        if not main_process:
+            return EvalReport([], [m.describe() for m in models], output_dir, [], main_process=False)
 
     records: list[dict] = []
     for metric in metrics:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json, write_text
 from recare_cli.models import Runtime, library_versions
 from recare_cli.output import QUIET_REPORTER, Reporter
+from recare_cli.processes import own_device, process_group
 
 MANIFEST = "manifest.jsonl"
 RUN_RECORD = "recare-run.json"
@@ -161,24 +161,6 @@ def is_readable_image(path: Path) -> bool:
 
 # generation ---------------------------------------------------------------------------------
 
-def _distributed(runtime: Runtime):
-    """(rank, world size, state) under `accelerate launch`, else (0, 1, None)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    from accelerate import PartialState
-
-    # Without cpu=True accelerate forms a process group only over accelerators, and every CPU
-    # process would render every image.
-    state = PartialState(cpu=runtime.torch_device() == "cpu")
-    if state.num_processes != world:
-        raise RecareError(
-            f"accelerate started {world} processes but they formed a group of {state.num_processes}",
-            hint="launch on CUDA devices, or pass --device cpu",
-        )
-    return state.process_index, state.num_processes, state
-
-
 def generate(
     rows: list[PromptRow],
     output_dir: Path,
@@ -229,7 +211,7 @@ def _generate_missing(
 ) -> list[ImageJob] | None:
     """Render this process's share of the missing images; the jobs that were missing, or None off the main process."""
     pending = [j for j in jobs if settings.overwrite or not is_readable_image(output_dir / j.file)]
-    rank, world, state = _distributed(runtime)
+    rank, world, state = process_group(runtime)
     if state is not None:
         state.wait_for_everyone()  # every process must plan from the same folder state
     if rank != 0:
@@ -237,9 +219,7 @@ def _generate_missing(
     mine = pending[rank::world]
     if mine:
         if pipe is None:
-            # Under accelerate each process owns one accelerator; an explicit --device cpu still wins.
-            device = str(state.device) if state is not None and runtime.device in ("auto", "cuda") else None
-            pipe, _, _ = runtime.pipeline(settings.unet, settings.scheduler, device=device)
+            pipe, _, _ = own_device(runtime, state).pipeline(settings.unet, settings.scheduler)
         reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {runtime.resolve().spec} on {pipe.device}")
         render_images(pipe, mine, output_dir, settings, reporter)
     if state is not None:

@@ -30,7 +30,9 @@ def erase(
              "dashes, e.g. iterations = 10) are shared, and each table of its array of tables named concept "
              "(concept = \"NAME\" plus that run's own keys) is one run. An entry's own keys win over flags "
              "typed here, which win over the top level. Paths are relative to the file. Runs them in order, "
-             "then prints one summary; a failed entry does not stop the next, but the exit code is then 1.")] = None,
+             "then prints one summary; a failed entry does not stop the next, but the exit code is then 1. "
+             "Under `accelerate launch` each process runs whole entries on its own GPU and the main one "
+             "prints the summary (docs/multi-gpu.md).")] = None,
     method: Annotated[str, typer.Option(help="recare, or esd (one erase stage, no inversion, no CARE set).")] = "recare",
     concept_type: Annotated[Optional[str], typer.Option(
         "--type", help="object, style or person; required for concepts without a preset.")] = None,

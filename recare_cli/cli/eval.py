@@ -72,6 +72,8 @@ def evaluate(
     """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score, toy world.
 
     Results: a table, results.csv and results.json. Verdicts never change the exit code.
+    Under `accelerate launch` the processes split the image generation; the main one measures and
+    writes the results (docs/multi-gpu.md).
     """
     from recare_cli import evaluate as core
     from recare_cli.generate import GenerateSettings, read_prompts
@@ -91,6 +93,8 @@ def evaluate(
         generation=GenerateSettings(steps=steps, guidance=guidance, height=height, width=width, batch_size=batch_size),
         options=options, overwrite=overwrite, reporter=reporter,
     )
+    if not report.main_process:
+        return
     if common.json:
         for record in report.summary():
             reporter.result(core.public(record))

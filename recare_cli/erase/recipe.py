@@ -1,4 +1,4 @@
-"""`recare erase --recipe FILE.toml`: several erase runs from one file, one after another.
+"""`recare erase --recipe FILE.toml`: several erase runs from one file, one after another (or side by side).
 
     model = "tiny-random"        # top level: settings every entry shares
     method = "esd"
@@ -16,7 +16,8 @@ Keys are the `recare erase` flags without their dashes (`output-dir` or `output_
 device and dtype. Settings, weakest first: erase's defaults and the config file, the recipe's top
 level, flags typed on the command line, the entry's own keys. Relative paths in the recipe are
 relative to the recipe file. Every entry runs through its method's `run`, exactly as
-`recare erase --concept` does, in its own resumable run directory.
+`recare erase --concept` does, in its own resumable run directory. Under `accelerate launch` the
+processes share the entries out, and the main one reports them all (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ from recare_cli.config import tomllib
 from recare_cli.erase.run import METHODS, EraseRequest, EraseResult, check_request
 from recare_cli.errors import Interrupted, RecareError, UsageError
 from recare_cli.models import Runtime
-from recare_cli.output import Reporter
+from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import with_model_defaults
+from recare_cli.processes import (
+    alone, broadcast_from_main, gather_to_main, launched_world, own_device, process_group, waiting_group,
+)
 
 RUNTIME_KEYS = ("model", "device", "dtype")
 DONE, REUSED, FAILED = "done", "reused", "failed"
@@ -223,15 +227,21 @@ def _check_output_dirs(recipe: Recipe, entries: list[Entry]) -> None:
 def run_recipe(recipe: Recipe, entries: list[Entry], reporter: Reporter) -> list[Outcome]:
     """Run the entries in order; a failed one is reported and the next one runs.
 
-    Reports one result per entry and then a summary; raises RecareError at the end if any failed.
+    Under `accelerate launch` the processes share the entries out (see _run_spread) and only the
+    main process reports, once all are done. Reports one result per entry and then a summary;
+    raises RecareError at the end if any failed. Returns [] off the main process.
     """
-    outcomes = []
-    for entry in entries:
-        outcome = _run_entry(entry, reporter)
-        outcomes.append(outcome)
-        reporter.result(outcome.row(), render=lambda console, o=outcome: console.print(escape(
-            f"[{o.entry.index}/{len(entries)}] {', '.join(o.entry.request.concepts)} ({o.entry.request.method}): "
-            f"{o.status} in {o.seconds:.1f} s"), highlight=False))
+    if launched_world() > 1:
+        outcomes = _run_spread(entries, reporter)
+        if outcomes is None:
+            return []
+        for outcome in outcomes:
+            _report(outcome, len(entries), reporter)
+    else:
+        outcomes = []
+        for entry in entries:
+            outcomes.append(_run_entry(entry, reporter))
+            _report(outcomes[-1], len(entries), reporter)
     counts = {status: sum(o.status == status for o in outcomes) for status in (DONE, REUSED, FAILED)}
     summary = {"recipe": str(recipe.path), "entries": len(outcomes), **counts,
                "seconds": round(sum(o.seconds for o in outcomes), 3)}
@@ -241,6 +251,61 @@ def run_recipe(recipe: Recipe, entries: list[Entry], reporter: Reporter) -> list
         raise RecareError(f"{len(failed)} of {len(outcomes)} recipe entries failed: {', '.join(failed)}",
                           hint="the others finished; fix those and rerun the recipe, which reuses finished runs")
     return outcomes
+
+
+def _report(outcome: Outcome, total: int, reporter: Reporter) -> None:
+    reporter.result(outcome.row(), render=lambda console: console.print(escape(
+        f"[{outcome.entry.index}/{total}] {', '.join(outcome.entry.request.concepts)} "
+        f"({outcome.entry.request.method}): {outcome.status} in {outcome.seconds:.1f} s"), highlight=False))
+
+
+def _run_spread(entries: list[Entry], reporter: Reporter) -> list[Outcome] | None:
+    """This process's share of the entries, one at a time on its own device; every outcome on the main process.
+
+    A failed entry is an outcome like any other, so every process reaches the final gather. A
+    process that dies instead (Ctrl-C, killed) makes `accelerate launch` stop the others.
+    """
+    runtime = next((e.runtime for e in entries if e.runtime.torch_device() != "cpu"), entries[0].runtime)
+    rank, world, state = process_group(runtime)
+    group = waiting_group()
+    # One plan, made by the main process, so that no two processes can disagree on who runs what.
+    shares = broadcast_from_main(share_out(entries, world) if rank == 0 else None, group)
+    outcomes = []
+    with alone():  # an entry's training images are its own process's work, not split again
+        for position in shares[rank]:
+            entry = entries[position]
+            outcomes.append(_run_entry(replace(entry, runtime=own_device(entry.runtime, state)),
+                                       reporter if rank == 0 else QUIET_REPORTER))
+    gathered = gather_to_main(outcomes, group)
+    return None if gathered is None else sorted(gathered, key=lambda o: o.entry.index)
+
+
+def share_out(entries: list[Entry], world: int) -> list[list[int]]:
+    """Positions of the entries each process runs, in recipe order.
+
+    Entries that would write one run directory (the same settings twice) go to the same process,
+    where the later one reuses the earlier's run instead of training it again beside it. Each
+    such group goes to the process with the fewest entries so far.
+    """
+    groups: dict[object, list[int]] = {}
+    for position, entry in enumerate(entries):
+        groups.setdefault(_run_key(entry), []).append(position)
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for positions in groups.values():
+        min(shares, key=len).extend(positions)
+    return [sorted(share) for share in shares]
+
+
+def _run_key(entry: Entry):
+    """The entry's run directory when recare can tell it in advance, else the entry itself."""
+    from recare_cli.erase.run import planned_run_dir
+
+    if entry.request.method not in METHODS:  # a third-party method chooses its own folders
+        return entry.index
+    try:
+        return planned_run_dir(entry.request, entry.runtime).resolve()
+    except Exception:  # noqa: BLE001 - the entry fails with this error when it runs, and says so there
+        return entry.index
 
 
 def _run_entry(entry: Entry, reporter: Reporter) -> Outcome:

@@ -244,7 +244,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
     cache_name = f"{slug('-'.join(concepts))}-{digest}"
-    run_dir = Path(request.output_dir or Path("runs") / f"{slug('-'.join(concepts))}-{request.method}-{digest}")
+    run_dir = _run_dir(request, concepts, digest)
     ensure_writable_dir(run_dir)
     previous = _previous_manifest(run_dir, digest)
 
@@ -290,6 +290,17 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
         "tokens": [name for name, _ in tokens],
     })
     return EraseResult(run_dir, cache_name, unet_path, [name for name, _ in tokens], stages.record)
+
+
+def _run_dir(request: EraseRequest, concepts: list[str], digest: str) -> Path:
+    return Path(request.output_dir or Path("runs") / f"{slug('-'.join(concepts))}-{request.method}-{digest}")
+
+
+def planned_run_dir(request: EraseRequest, runtime: Runtime) -> Path:
+    """The run directory run_erase will write `request`'s run to (reads the inputs to hash them)."""
+    concepts = [p.concept for p in check_request(request)]
+    return _run_dir(request, concepts, run_hash(request, runtime.resolve().describe(), runtime.dtype,
+                                                input_hashes(request)))
 
 
 def _previous_manifest(run_dir: Path, digest: str) -> dict:
