@@ -19,14 +19,14 @@ SPY = """
 import json, os
 
 if os.environ.get("RANK") is not None:
-    from recare_cli import generate
+    from recare_cli import evaluate, generate
     from recare_cli.erase import recipe
 
     def log(**record):
         with open(os.environ["RECARE_TEST_SPY"], "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"rank": int(os.environ["RANK"]), **record}) + "\\n")
 
-    run_entry, render_images = recipe._run_entry, generate.render_images
+    run_entry, render_images, write_results = recipe._run_entry, generate.render_images, evaluate.write_results
 
     def spied_run_entry(entry, reporter):
         log(entry=entry.index, device=entry.runtime.device)
@@ -36,12 +36,17 @@ if os.environ.get("RANK") is not None:
         log(folder=str(output_dir), files=[job.file for job in jobs])
         return render_images(pipe, jobs, output_dir, settings, reporter)
 
+    def spied_write_results(output_dir, records, run):
+        log(results=str(output_dir))
+        return write_results(output_dir, records, run)
+
     recipe._run_entry, generate.render_images = spied_run_entry, spied_render_images
+    evaluate.write_results = spied_write_results
 """
 
 # Entry 3 repeats entry 1 (same run directory), so it must run after it, in the same process;
-# entry 2 is ReCARE from nothing (renders its own training images); entry 4 passes the checks
-# but fails when it runs (an empty --images folder).
+# entry 2 is ReCARE rendering its own training images (given a CARE set: building one is slow);
+# entry 4 passes the checks but fails when it runs (an empty --images folder).
 RECIPE = """
 model = "tiny-random"
 device = "cpu"
@@ -58,6 +63,7 @@ type = "object"
 [[concept]]
 concept = "nudity"
 method = "recare"
+careset = "careset.json"
 num-images = 2
 ti-steps = 1
 rounds = 1
@@ -97,6 +103,11 @@ def launch(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dic
     return done, spied
 
 
+def write_careset(folder: Path) -> None:
+    (folder / "careset.json").write_text(json.dumps(
+        {"nudity_care_word": ["A cat", "A dog"], "nudity_care_word_photo": ["A photo of cat", "A photo of dog"]}))
+
+
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
@@ -108,6 +119,7 @@ def recipe_launch(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("recipe-launch")
     (root / "empty").mkdir()
     (root / "recipe.toml").write_text(RECIPE)
+    write_careset(root)
     return root, *launch(root, "erase", "--recipe", "recipe.toml", "--json")
 
 
@@ -160,8 +172,9 @@ def test_eval_splits_the_images_and_writes_one_set_of_results(recipe_launch, run
     done, spied = launch(tmp_path, "eval", *EVAL_ARGS, "--unet", unet, "--output-dir", "split")
     assert done.returncode == 0, done.stderr[-3000:]
     split = tmp_path / "split"
+    assert [(r["rank"], r["results"]) for r in spied if "results" in r] == [(0, "split")]  # written once
     for label in ("erased", "base"):
-        renders = [r for r in spied if r["folder"] == str(Path("split") / "images" / label)]
+        renders = [r for r in spied if r.get("folder") == str(Path("split") / "images" / label)]
         assert {r["rank"] for r in renders} == {0, 1}
         files = [f for r in renders for f in r["files"]]
         assert sorted(files) == ["a_cat_0.png", "a_cat_1.png", "a_dog_0.png", "a_dog_1.png"]  # each once
@@ -190,10 +203,11 @@ def test_entries_sharing_a_run_directory_go_to_one_process(tmp_path, tiny_model)
     from recare_cli.models import Runtime
 
     (tmp_path / "empty").mkdir()
+    write_careset(tmp_path)
     (tmp_path / "recipe.toml").write_text(RECIPE + '\n[[concept]]\nconcept = "church"\ntype = "object"\niterations = 2\n')
     entries = plan_entries(read_recipe(tmp_path / "recipe.toml"), EraseRequest(concepts=[]), Runtime(), set())
     # 1 and 3 are the same run; 5 differs from them only in iterations, so it is a run of its own;
     # 4 cannot be hashed (empty --images) and counts as its own.
     assert share_out(entries, 2) == [[0, 2, 4], [1, 3]]
-    assert share_out(entries, 3) == [[0, 2], [1], [3, 4]]
+    assert share_out(entries, 3) == [[0, 2], [1, 4], [3]]
     assert share_out(entries, 1) == [[0, 1, 2, 3, 4]]
