@@ -185,6 +185,7 @@ class EvalReport:
     output_dir: Path
     files: list[str]
     main_process: bool = True  # False in the other processes of an `accelerate launch` run: they only render
+    attacked: list[tuple[str, str, str]] = field(default_factory=list)  # (model, attacked model, their delta's label)
 
     def summary(self) -> list[dict]:
         return [r for r in self.records if not r.get("detail")]
@@ -228,7 +229,11 @@ def evaluate(
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     reporter: Reporter = QUIET_REPORTER,
+    attack: str | None = None,
+    attack_settings=None,
 ) -> EvalReport:
+    from recare_cli.attacks import AttackSettings
+    from recare_cli.attacks.run import plan_attack, run_attack
     from recare_cli.plugins import registry
 
     if not metric_names:
@@ -240,6 +245,8 @@ def evaluate(
         missing = [option_flag(name) for name in metric.requires if options.get(name) in (None, [], "")]
         if missing:
             raise UsageError(f"metric '{metric.name}' needs {' and '.join(missing)}", hint=metric.description or None)
+    attack_plan = plan_attack(attack, attack_settings or AttackSettings(), images_dir=images_dir, unet=unet,
+                              compare=compare, options=options, cache_dir=runtime.cache_dir, reporter=reporter)
     if images_dir is None and prompts is None:
         raise UsageError("no images to evaluate", hint="pass --prompt/--prompts-file to generate them, or --images DIR")
     if compare is not None and prompts is None:
@@ -250,6 +257,9 @@ def evaluate(
     if unet is not None:
         resolve_unet(unet, runtime.cache_dir)  # a mistyped --unet fails before anything is written
     spread = launched_world() > 1
+    if spread and attack_plan is not None:
+        raise UsageError("--attack runs in one process, and this eval was started by accelerate launch",
+                         hint="run the attack without accelerate launch")
     main_process = not spread or process_group(runtime)[0] == 0
     if not main_process:
         reporter = QUIET_REPORTER  # the main process alone reports
@@ -280,14 +290,23 @@ def evaluate(
         if not main_process:
             return EvalReport([], [m.describe() for m in models], output_dir, [], main_process=False)
 
+    attacked = []
+    if attack_plan is not None:
+        # unlearndiffatk aims at the base model's images; without --compare the model is the base.
+        base = contexts[-1]
+        attacked = [(ctx, run_attack(attack_plan, ctx, base, output_dir, reporter)) for ctx in contexts]
+
     records: list[dict] = []
     for metric in metrics:
-        for ctx in contexts:
+        for ctx in contexts + [under_attack for _, under_attack in attacked]:
             reporter.event("metric", metric=metric.name, model=ctx.label)
             rows = metric.run(ctx)
             records += [flatten(metric.name, ctx.label, row) for row in check_rows(metric.name, rows)]
     if len(contexts) == 2:
         records += deltas(records, contexts[0].label, contexts[1].label)
+    attacked_labels = [(ctx.label, under_attack.label, f"{DELTA} {under_attack.label}") for ctx, under_attack in attacked]
+    for label, attacked_label, delta_label in attacked_labels:
+        records += deltas(records, attacked_label, label, delta_label)
 
     files = write_results(output_dir, records, {
         "command": "eval",
@@ -298,9 +317,16 @@ def evaluate(
         "num_images": num_images, "seed": seed,
         "generation": asdict(generation or GenerateSettings()),
         "options": options,
+        "attack": None if attack_plan is None else {
+            "name": attack_plan.name, **asdict(attack_plan.settings),
+            "models": [under_attack.label for _, under_attack in attacked]},
         "versions": library_versions(),
     })
-    return EvalReport(records, [m.describe() for m in models], output_dir, files)
+    if attack_plan is not None:
+        from recare_cli.attacks.run import prompts_file
+
+        files += [str(prompts_file(output_dir, under_attack.label)) for _, under_attack in attacked]
+    return EvalReport(records, [m.describe() for m in models], output_dir, files, attacked=attacked_labels)
 
 
 def check_rows(metric: str, rows) -> list[Row]:
@@ -324,7 +350,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def deltas(records: list[dict], label: str, base_label: str) -> list[dict]:
+def deltas(records: list[dict], label: str, base_label: str, delta_label: str = DELTA) -> list[dict]:
     """For rows measured on both models with the same key: each number's change, model minus base."""
     def identity(record):
         return record["metric"], tuple((k, record[k]) for k in record["_key"])
@@ -337,7 +363,7 @@ def deltas(records: list[dict], label: str, base_label: str) -> list[dict]:
             continue
         changes = {k: record[k] - other[k] for k in record["_values"]
                    if _is_number(record[k]) and _is_number(other.get(k))}
-        found.append({"metric": record["metric"], "model": DELTA, **{k: record[k] for k in record["_key"]},
+        found.append({"metric": record["metric"], "model": delta_label, **{k: record[k] for k in record["_key"]},
                       **changes, "detail": record["detail"], "_key": record["_key"], "_values": tuple(changes)})
     return found
 

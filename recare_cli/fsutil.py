@@ -93,3 +93,18 @@ def list_images(folder: str | os.PathLike, flag: str = "--images", suffixes: tup
         raise UsageError(f"{flag} '{folder}' holds no images (looked for {', '.join(suffixes)})",
                          hint="generate some with `recare generate --prompt 'A photo of ...' --output-dir DIR`")
     return files
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(name -> tensor, metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}

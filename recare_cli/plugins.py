@@ -1,7 +1,7 @@
-"""Concept types, metrics and methods, registered by plugins through entry points.
+"""Concept types, metrics, methods and attacks, registered by plugins through entry points.
 
 A plugin is a callable `hook(register)` published in one of the entry-point groups below; it
-calls `register(obj)` once per thing it adds. recare's own concept types, metrics and methods are
+calls `register(obj)` once per thing it adds. recare's own concept types, metrics, methods and attacks are
 default plugins loaded through the very same code path, so a third-party plugin can do anything
 a built-in does. Each entry point loads in its own try/except: a broken plugin costs one warning
 (an error with RECARE_STRICT_PLUGINS=1) and the rest of recare keeps working.
@@ -22,11 +22,13 @@ GROUPS = {
     "recare.concept_types": "concept_types",
     "recare.metrics": "metrics",
     "recare.methods": "methods",
+    "recare.attacks": "attacks",
 }
 DEFAULT_PLUGINS = [
     EntryPoint("builtin", "recare_cli.builtins.concept_types:register", "recare.concept_types"),
     EntryPoint("builtin", "recare_cli.builtins.metrics:register", "recare.metrics"),
     EntryPoint("builtin", "recare_cli.builtins.methods:register", "recare.methods"),
+    EntryPoint("builtin", "recare_cli.builtins.attacks:register", "recare.attacks"),
 ]
 
 
@@ -62,7 +64,19 @@ class Method:
     description: str = ""
 
 
-_KINDS = {ConceptType: "concept_types", Metric: "metrics", Method: "methods"}
+@dataclass(frozen=True)
+class Attack:
+    """An adversarial attack for `recare eval --attack`; `run`'s contract is in recare_cli/attacks/__init__.py."""
+
+    name: str
+    run: Callable[..., Any]
+    description: str = ""
+    needs_target_images: bool = False  # the base model's image of each prompt and seed
+    needs_concept_images: bool = False  # images of the erased concept (a run's, or --attack-images)
+    options: tuple[str, ...] = ()  # which of steps, tokens, lr, images it reads; others are warned about
+
+
+_KINDS = {ConceptType: "concept_types", Metric: "metrics", Method: "methods", Attack: "attacks"}
 
 
 @dataclass
@@ -80,6 +94,7 @@ class Registry:
     concept_types: dict[str, ConceptType] = field(default_factory=dict)
     metrics: dict[str, Metric] = field(default_factory=dict)
     methods: dict[str, Method] = field(default_factory=dict)
+    attacks: dict[str, Attack] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
 
     def load(self, ep: EntryPoint, source: str, version: str | None, strict: bool, warn) -> None:
@@ -117,6 +132,9 @@ class Registry:
 
     def method(self, name: str) -> Method:
         return _lookup(self.methods, name, "method", "--method")
+
+    def attack(self, name: str) -> Attack:
+        return _lookup(self.attacks, name, "attack", "--attack")
 
 
 def _lookup(table: dict, name: str, what: str, flag: str):

@@ -84,10 +84,11 @@ def test_builtins_are_listed_as_plugins(run_cli):
     from recare_cli import __version__
 
     builtins = [p for p in listing["plugins"] if p["package"] == "builtin"]
-    assert {p["group"] for p in builtins} == {"recare.concept_types", "recare.metrics", "recare.methods"}
+    assert {p["group"] for p in builtins} == {"recare.concept_types", "recare.metrics", "recare.methods", "recare.attacks"}
     assert all(p["version"] == __version__ and p["error"] is None for p in builtins)
     assert {"object", "style", "person"} <= set(listing["concept_types"])
     assert {"recare", "esd"} <= set(listing["methods"])
+    assert {"unlearndiffatk", "concept-inversion"} <= set(listing["attacks"])
     concept_plugin = next(p for p in builtins if p["group"] == "recare.concept_types")
     assert concept_plugin["registers"] == ["object", "style", "person"]
 
@@ -136,6 +137,21 @@ def test_example_metric_runs_through_recare_eval(installed, tmp_path):
     assert per_image == {"grey.png": pytest.approx(0.0), "red_green.png": pytest.approx(red_green)}
 
 
+def test_example_attack_runs_through_recare_eval(installed, tmp_path):
+    out = tmp_path / "eval"
+    done = _recare("eval", "--metric", "colorfulness", "--prompt", "a photo of the Eiffel Tower", "--attack", "random-prefix",
+                   "--attack-tokens", "3", "--output-dir", str(out), "--model", "tiny-random", "--device", "cpu",
+                   "--steps", "1", "--height", "64", "--width", "64", "--json", sites=[installed["example"]])
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    (attacked,) = [line for line in lines if line.get("event") == "attacked"]
+    assert attacked["prompt"] == "a photo of the Eiffel Tower" and attacked["adversarial"].endswith(" a photo of the Eiffel Tower")
+    with open(out / "attacks" / "model+random-prefix" / "prompts.csv", newline="") as f:
+        assert [row["prompt"] for row in csv.DictReader(f)] == [attacked["adversarial"]]
+    measured = {line["model"] for line in lines if "colorfulness" in line}
+    assert measured == {"model", "model+random-prefix", "delta model+random-prefix"}
+
+
 def test_example_metric_and_type_are_unknown_without_the_plugin(tmp_path):
     images = _colour_images(tmp_path / "images")
     done = _recare("eval", "--metric", "colorfulness", "--images", str(images), "--output-dir", str(tmp_path / "e"),
@@ -177,13 +193,14 @@ def test_strict_plugins_turns_the_warning_into_an_error(installed):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-@pytest.mark.parametrize("only", ["landmark,colorfulness", "recare-example"])
-def test_load_plugins_filters_by_plugin_or_package_name(installed, only):
+@pytest.mark.parametrize("only, loaded", [("landmark,colorfulness", {"landmark", "colorfulness"}),
+                                          ("recare-example", {"landmark", "colorfulness", "random-prefix"})])
+def test_load_plugins_filters_by_plugin_or_package_name(installed, only, loaded):
     done = _recare("plugins", "list", "--json", sites=[installed["broken"], installed["example"]],
                    RECARE_LOAD_PLUGINS=only)
     listing = _listing(done)
     assert done.stderr == ""
-    assert {p["name"] for p in listing["plugins"] if p["package"] != "builtin"} == {"landmark", "colorfulness"}
+    assert {p["name"] for p in listing["plugins"] if p["package"] != "builtin"} == loaded
 
 
 def test_load_plugins_warns_about_a_name_nothing_provides(installed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,7 @@ from recare_cli.evaluate import DELTA
 
 GENERATION = "Generation options"
 METRIC_OPTIONS = "Metric options"
+ATTACK_OPTIONS = "Attack options"
 
 
 def _generation(help: str, **kwargs):
@@ -20,6 +22,10 @@ def _generation(help: str, **kwargs):
 
 def _metric(help: str, *flags: str, **kwargs):
     return typer.Option(*flags, help=help, rich_help_panel=METRIC_OPTIONS, **kwargs)
+
+
+def _attack(help: str, **kwargs):
+    return typer.Option(help=help, rich_help_panel=ATTACK_OPTIONS, **kwargs)
 
 
 @with_common
@@ -68,14 +74,29 @@ def evaluate(
         "care/clipscore/--zero-shot: open_clip model, folder, toy or tiny-random (default: ViT-B-32; the "
         "built-in model's own CLIP with --model toy or tiny-random).")] = None,
     clip_pretrained: Annotated[Optional[str], _metric("open_clip pretrained tag or weights file (default: openai).")] = None,
+    attack: Annotated[str, _attack(
+        "Search an adversarial prompt for every prompt and seed, against every evaluated model, and measure "
+        "its images too: unlearndiffatk (needs --compare base), concept-inversion, a plugin's, or none.")] = "none",
+    attack_steps: Annotated[Optional[int], _attack(
+        "Optimisation steps per prompt (unlearndiffatk: 40) or of the learned token (concept-inversion: "
+        "3000; --model toy 1000).")] = None,
+    attack_tokens: Annotated[Optional[int], _attack("unlearndiffatk: adversarial prefix tokens (default: 5).")] = None,
+    attack_lr: Annotated[Optional[float], _attack(
+        "Learning rate (unlearndiffatk: 0.01; concept-inversion: 5e-3).")] = None,
+    attack_seed: Annotated[int, _attack("Seed of the attack's own randomness.")] = 42,
+    attack_images: Annotated[Optional[Path], _attack(
+        "concept-inversion: images of the concept (default: the evaluated erase run's training images).")] = None,
 ) -> None:
     """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score, toy world.
 
     Results: a table, results.csv and results.json. Verdicts never change the exit code.
     Under `accelerate launch` the processes split the image generation; the main one measures and
     writes the results (docs/multi-gpu.md).
+    With --attack, each table reads `plain → under attack (delta)` per model, and the adversarial
+    prompts are in attacks/MODEL+ATTACK/prompts.csv (reusable with `recare generate --prompts-file`).
     """
     from recare_cli import evaluate as core
+    from recare_cli.attacks import AttackSettings
     from recare_cli.generate import GenerateSettings, read_prompts
     from recare_cli.models import Runtime
 
@@ -91,7 +112,8 @@ def evaluate(
         metric or [], runtime, output_dir, unet=unet, images_dir=images, compare=compare, prompts=prompts,
         num_images=num_images, seed=seed,
         generation=GenerateSettings(steps=steps, guidance=guidance, height=height, width=width, batch_size=batch_size),
-        options=options, overwrite=overwrite, reporter=reporter,
+        options=options, overwrite=overwrite, reporter=reporter, attack=attack,
+        attack_settings=AttackSettings(attack_steps, attack_tokens, attack_lr, attack_seed, attack_images),
     )
     if not report.main_process:
         return
@@ -109,16 +131,30 @@ def _cell(value, signed: bool = False) -> str:
     return "" if value is None else str(value)
 
 
-def _compared(per_model: dict[str, dict], name: str, label: str, base: str) -> str:
+def _compared(per_model: dict[str, dict], name: str, label: str, base: str, delta_label: str = DELTA) -> str:
     """`base → model (delta)` in one cell, so a comparison is no wider than a single model's table."""
     before, after = per_model.get(base, {}).get(name), per_model.get(label, {}).get(name)
-    delta = per_model.get(DELTA, {}).get(name)
+    delta = per_model.get(delta_label, {}).get(name)
     text = f"{_cell(before)} → {_cell(after)}"
     return f"{text} ({_cell(delta, signed=True)})" if delta is not None else text
 
 
+def _layout(metric: str, report, labels: list[str], value_cols: list[str]):
+    """The table's title and its value columns, as (header, cell(per-model records of one row))."""
+    if report.attacked:
+        return f"{metric}: before → under attack (delta)", [
+            (f"{name} ({model})", partial(_compared, name=name, label=attacked, base=model, delta_label=delta))
+            for name in value_cols for model, attacked, delta in report.attacked]
+    if len(labels) == 1:
+        return metric, [(name, lambda per_model, name=name: _cell(per_model.get(labels[0], {}).get(name)))
+                        for name in value_cols]
+    return f"{metric}: {labels[1]} → {labels[0]} (delta)", [
+        (name, partial(_compared, name=name, label=labels[0], base=labels[1])) for name in value_cols]
+
+
 def render_tables(console, report) -> None:
-    """One table per metric; with --compare each number reads `base → model (delta)`."""
+    """One table per metric; with --compare each number reads `base → model (delta)`, with --attack
+    `model → model under attack (delta)`, one column per model."""
     from rich.table import Table
 
     from recare_cli.evaluate import columns
@@ -128,22 +164,18 @@ def render_tables(console, report) -> None:
     for metric in dict.fromkeys(r["metric"] for r in summary):
         records = [r for r in summary if r["metric"] == metric]
         key_cols, value_cols = columns(records)
-        title = metric if len(labels) == 1 else f"{metric}: {labels[1]} → {labels[0]} (delta)"
+        title, cells = _layout(metric, report, labels, value_cols)
         table = Table(title=title, title_justify="left")
         for name in key_cols:
             table.add_column(name)
-        for name in value_cols:
-            table.add_column(name, justify="right")
+        for header, _ in cells:
+            table.add_column(header, justify="right")
         by_key: dict[tuple, dict[str, dict]] = {}
         for record in records:
             by_key.setdefault(tuple(record.get(k) for k in key_cols), {})[record["model"]] = record
         for key, per_model in by_key.items():
-            if len(labels) == 1:
-                values = [_cell(per_model[labels[0]].get(name)) for name in value_cols]
-            else:
-                values = [_compared(per_model, name, labels[0], labels[1]) for name in value_cols]
-            table.add_row(*[_cell(k) for k in key], *values)
-        details = sum(1 for r in report.records if r["metric"] == metric and r.get("detail") and r["model"] != DELTA)
+            table.add_row(*[_cell(k) for k in key], *[cell(per_model) for _, cell in cells])
+        details = sum(1 for r in report.records if r["metric"] == metric and r.get("detail") and r["model"] in labels)
         if details:
             table.caption = f"{details} per-image rows in results.csv"
         console.print(table)

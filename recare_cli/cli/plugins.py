@@ -1,4 +1,4 @@
-"""`recare plugins`: which concept types, metrics and methods are installed, and from where."""
+"""`recare plugins`: which concept types, metrics, methods and attacks are installed, and from where."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from recare_cli.output import HUMAN, JSON, Reporter
 
-app = typer.Typer(help="Show the plugins that add concept types, metrics and methods.", no_args_is_help=True)
+app = typer.Typer(help="Show the plugins that add concept types, metrics, methods and attacks.", no_args_is_help=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")]
 
@@ -17,8 +17,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="JSON lines on stdout."
 def list_plugins(json_output: JsonOption = False) -> None:
     """List every plugin, built-in or installed: its package, version and what it registers.
 
-    Plugins are entry points in the groups recare.concept_types, recare.metrics and
-    recare.methods. RECARE_LOAD_PLUGINS=a,b loads only the named plugins or packages;
+    Plugins are entry points in the groups recare.concept_types, recare.metrics,
+    recare.methods and recare.attacks. RECARE_LOAD_PLUGINS=a,b loads only the named plugins or packages;
     RECARE_STRICT_PLUGINS=1 makes a plugin that fails to load an error instead of a warning.
     """
     from recare_cli.plugins import GROUPS, registry

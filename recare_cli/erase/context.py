@@ -15,6 +15,8 @@ from torch.func import functional_call
 
 from recare_cli.erase.denoise import DDIMTimes
 
+AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
+
 
 class ForwardCounter:
     """Counts UNet forward passes in images (a batch of 4 counts 4), for the benchmark."""
@@ -53,6 +55,16 @@ class EraseModels:
         pipe.vae.eval()
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, DDIMTimes(scheduler),
                    device, autocast_dtype, ForwardCounter(pipe.unet), pipe)
+
+    @classmethod
+    def load(cls, runtime, unet: str | None = None) -> "EraseModels":
+        """`runtime`'s model (with `unet`'s weights) in float32: --dtype fp16/bf16 selects autocast for the forwards."""
+        from dataclasses import replace
+
+        device = runtime.torch_device()
+        autocast = AUTOCAST.get(runtime.dtype)
+        pipe, _, _ = replace(runtime, dtype="fp32").pipeline(unet, device=device)
+        return cls.from_pipeline(pipe, device, getattr(torch, autocast) if autocast else None)
 
     def autocast(self):
         if self.autocast_dtype is None:

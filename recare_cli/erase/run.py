@@ -19,12 +19,14 @@ import json
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from recare_cli.erase.denoise import NSTEPS
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
+from recare_cli.fsutil import read_safetensors as _load_tensors
+from recare_cli.fsutil import write_safetensors as _save_tensors
 from recare_cli.models import TOKENS_FILE, Runtime
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
@@ -35,7 +37,6 @@ PT_FILE = "ReCARE-Diffusers-UNet.pt"
 STAGES_DIR = "stages"
 IMAGES_DIR = "images"
 METHODS = ("recare", "esd")
-AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
 NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab")
@@ -334,15 +335,9 @@ def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -
 
 
 def _load_models(runtime: Runtime, request: EraseRequest):
-    import torch
-
     from recare_cli.erase.context import EraseModels
 
-    device = runtime.torch_device()
-    autocast = AUTOCAST.get(runtime.dtype)
-    # Trained weights stay in float32; --dtype fp16/bf16 selects autocast for the forwards.
-    pipe, _, _ = replace(runtime, dtype="fp32").pipeline(device=device)
-    return EraseModels.from_pipeline(pipe, device, getattr(torch, autocast) if autocast else None)
+    return EraseModels.load(runtime)
 
 
 # inputs: images and CARE set ---------------------------------------------------------------
@@ -511,20 +506,6 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
                 _save_tensors(done, trainable)
                 stage_loop.finish()
     return tokens
-
-
-def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def _load_tensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
 
 
 # outputs ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""An example recare plugin: the `landmark` concept type and the `colorfulness` metric.
+"""An example recare plugin: the `landmark` concept type, the `colorfulness` metric and the `random-prefix` attack.
 
 recare calls each hook named in pyproject.toml's entry points with a `register` function, once,
 when it first needs its registry. Keep this module cheap to import: every `recare` command that
@@ -7,7 +7,7 @@ lists concept types or metrics imports it, so heavy imports belong inside the me
 
 from __future__ import annotations
 
-from recare_cli.plugins import ConceptType, Metric
+from recare_cli.plugins import Attack, ConceptType, Metric
 
 __version__ = "0.1.0"
 
@@ -61,3 +61,20 @@ def run_colorfulness(ctx):
 def register_metrics(register) -> None:
     register(Metric("colorfulness", run_colorfulness,
                     "Hasler-Süsstrunk colourfulness of each image, and the mean (recare-example plugin)"))
+
+
+def random_prefix(ctx, target):
+    """The attack contract of recare_cli/attacks/__init__.py: k random vocabulary tokens before the prompt
+    (the random baseline of OPTML-Group/Diffusion-MU-Attack), reproducible from --attack-seed."""
+    import random
+
+    from recare_cli.attacks import Adversarial
+
+    vocabulary = ctx.shared("vocabulary", ctx.vocabulary).tolist()
+    ids = random.Random(ctx.seed(target)).sample(vocabulary, int(ctx.option("tokens", 5)))
+    return Adversarial(f"{ctx.models.tokenizer.decode(ids).strip()} {target.prompt}", token_ids=ids)
+
+
+def register_attacks(register) -> None:
+    register(Attack("random-prefix", random_prefix, "k random vocabulary tokens before the prompt (--attack-tokens)",
+                    options=("tokens",)))

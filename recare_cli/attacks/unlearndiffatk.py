@@ -1,0 +1,152 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024): adversarial prefix tokens found with the model's own denoising loss.
+
+Followed: OPTML-Group/Diffusion-MU-Attack, `src/attackers/text_grad_.py` (the attacker),
+`src/tasks/classifier_.py` (`get_loss`, `img2latent`) and `configs/*/text_grad_*_classifier.json`
+(the published settings): k = 5 prefix tokens (`prefix_k`), 40 iterations, Adam lr 0.01 with
+weight decay 0.1. Each prefix position holds weights over the whole vocabulary, initialised
+uniform and kept on the probability simplex; each step samples one token per position from them
+(straight-through gradient, clipped to [-1, 1]), and the loss is the MSE between the attacked
+UNet's noise prediction and the noise, on noised latents of the target image (the base model's
+image of the same prompt and seed, VAE mean times the scaling factor). The attack's prompt is the
+most likely token of each position, decoded, before the prompt.
+
+Where recare differs, on purpose:
+- Timesteps. The reference runs its 40 iterations at each of 50 timesteps (10, 30, ..., 990) in
+  turn and, after each block, renders an image and stops once its classifier sees the concept. In
+  recare the run's metrics judge images after the search, so there is no success test inside it:
+  the 40 steps each draw one of those 50 timesteps.
+- The projection onto the simplex is the exact one, by sorting (Duchi et al., 2008); the
+  reference's bisection reaches the same point to within 1e-5.
+- The vocabulary leaves out special tokens and tokens an erase run added: the prompt must be text
+  that a tokenizer without the run's tokens reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from recare_cli.attacks import Adversarial, AttackContext, AttackTarget
+from recare_cli.errors import RecareError, UsageError
+
+DEFAULT_TOKENS = 5
+DEFAULT_STEPS = 40
+DEFAULT_LR = 0.01
+WEIGHT_DECAY = 0.1
+TIMESTEPS = tuple(range(10, 1000, 20))  # the reference's sampled_t (T = 1000, n_samples = 50)
+
+
+def project_to_simplex(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's Euclidean projection onto {w >= 0, sum(w) = 1}."""
+    sorted_desc = weights.sort(dim=-1, descending=True).values
+    cumulative = sorted_desc.cumsum(dim=-1) - 1
+    rank = torch.arange(1, weights.shape[-1] + 1, device=weights.device, dtype=weights.dtype)
+    support = (sorted_desc - cumulative / rank > 0).sum(dim=-1, keepdim=True)
+    threshold = cumulative.gather(-1, support - 1) / support.to(weights.dtype)
+    return (weights - threshold).clamp(min=0)
+
+
+class SampledOneHot(torch.autograd.Function):
+    """A token drawn from each row's weights, as one-hot rows; the gradient passes straight through, clipped."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        drawn = torch.multinomial(weights.detach().float().cpu(), 1, generator=generator).squeeze(1)
+        return F.one_hot(drawn.to(weights.device), weights.shape[-1]).to(weights.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_one_hot):
+        return F.hardtanh(grad_one_hot), None
+
+
+class PrefixPrompt:
+    """Text-encoder states of `<bos> prefix prompt <eos> <pad>...` for a prefix given as embeddings.
+
+    The prefix rows are appended to a copy of the embedding matrix inside the forward
+    (`functional_call`, as recare's textual inversion does), so the encoder runs exactly as for text.
+    """
+
+    def __init__(self, models, prompt: str, tokens: int):
+        tokenizer = models.tokenizer
+        self.models = models
+        self.matrix = models.text_encoder.get_input_embeddings().weight.detach()
+        self.matrix_name = next(n for n, p in models.text_encoder.named_parameters()
+                                if p is models.text_encoder.get_input_embeddings().weight)
+        room = tokenizer.model_max_length - 2 - tokens
+        if room < 1:
+            raise UsageError(f"--attack-tokens {tokens} leaves no room for the prompt in this text encoder's "
+                             f"{tokenizer.model_max_length} positions", hint="pass fewer --attack-tokens")
+        self.prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[:room]
+        placeholders = [self.matrix.shape[0] + i for i in range(tokens)]
+        ids = [tokenizer.bos_token_id, *placeholders, *self.prompt_ids, tokenizer.eos_token_id]
+        ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
+        self.ids = torch.tensor([ids], device=models.device)
+
+    def __call__(self, prefix_embeds: torch.Tensor) -> torch.Tensor:
+        matrix = torch.cat([self.matrix, prefix_embeds.to(self.matrix.dtype)])
+        with self.models.autocast():
+            return functional_call(self.models.text_encoder, {self.matrix_name: matrix}, (self.ids,))[0].float()
+
+
+@torch.no_grad()
+def target_latents(models, image_path) -> torch.Tensor:
+    """The target image's VAE latent mean times the scaling factor (the reference's img2latent)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as image:
+            pixels = np.asarray(image.convert("RGB")).astype(np.float32) / 127.5 - 1.0
+    except OSError as exc:
+        raise RecareError(f"cannot read the target image '{image_path}': {exc}") from None
+    pixels = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).to(models.device)
+    with models.autocast():
+        return models.vae.encode(pixels).latent_dist.mean.float() * models.vae_scale
+
+
+def denoising_loss(models, embeds: torch.Tensor, latents_0: torch.Tensor, timestep: int,
+                   noise: torch.Tensor) -> torch.Tensor:
+    t = torch.tensor([timestep], device=models.device)
+    latents_t = models.scheduler.add_noise(latents_0, noise, t)
+    return F.mse_loss(models.eps(latents_t, t, embeds), noise)
+
+
+def search(models, vocabulary: torch.Tensor, prompt: PrefixPrompt, latents_0: torch.Tensor, tokens: int,
+           steps: int, lr: float, seed: int, task) -> tuple[list[int], list[float]]:
+    """The prefix's token ids and the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    vocabulary_embeds = prompt.matrix[vocabulary]
+    weights = torch.full((tokens, len(vocabulary)), 1.0 / len(vocabulary), device=models.device, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=lr, weight_decay=WEIGHT_DECAY)
+    losses = []
+    for _ in range(steps):
+        timestep = TIMESTEPS[int(torch.randint(len(TIMESTEPS), (1,), generator=generator))]
+        noise = torch.randn(latents_0.shape, generator=generator).to(models.device)
+
+        optimizer.zero_grad(set_to_none=True)
+        prefix_embeds = SampledOneHot.apply(weights, generator) @ vocabulary_embeds
+        loss = denoising_loss(models, prompt(prefix_embeds), latents_0, timestep, noise)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            weights.copy_(project_to_simplex(weights))
+        losses.append(float(loss.detach()))
+        task.advance(1, loss=losses[-1])
+    return vocabulary[weights.detach().argmax(dim=-1)].tolist(), losses
+
+
+def run(ctx: AttackContext, target: AttackTarget) -> Adversarial:
+    tokens = int(ctx.option("tokens", DEFAULT_TOKENS))
+    steps = int(ctx.option("steps", DEFAULT_STEPS))
+    if target.target_image is None:
+        raise RecareError(f"unlearndiffatk has no target image for '{target.prompt}' seed {target.seed}")
+    models = ctx.models
+    vocabulary = ctx.shared("vocabulary", ctx.vocabulary)
+    prompt = PrefixPrompt(models, target.prompt, tokens)
+    latents_0 = target_latents(models, target.target_image)
+    with ctx.progress(steps) as task:
+        prefix_ids, losses = search(models, vocabulary, prompt, latents_0, tokens, steps,
+                                    float(ctx.option("lr", DEFAULT_LR)), ctx.seed(target), task)
+    prefix = models.tokenizer.decode(prefix_ids).strip()
+    return Adversarial(f"{prefix} {target.prompt}", losses, token_ids=prefix_ids)
