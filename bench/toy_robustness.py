@@ -98,7 +98,7 @@ def grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -> None
 
     with Image.open(rows[0][1][0]) as first:
         size = first.width * scale
-    label_width = 8 * max(len(label) for label, _ in rows) + 12
+    label_width = int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label) for label, _ in rows)) + 12
     columns = max(len(images) for _, images in rows)
     canvas = Image.new("RGB", (label_width + columns * (size + 4), len(rows) * (size + 4)), "white")
     draw = ImageDraw.Draw(canvas)
