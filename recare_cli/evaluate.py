@@ -21,7 +21,9 @@ as recare's own (recare_cli/builtins/metrics.py)::
     def register(register):
         register(Metric("brightness", brightness, "mean grey level", requires=()))
 
-- `run(ctx)` is called once per evaluated model (twice with `--compare`) and returns `Row`s.
+- `run(ctx)` is called once per evaluated model (twice with `--compare`; with `--attack` also once
+  per attacked model, labelled e.g. `erased+unlearndiffatk`, whose images are those of the
+  adversarial prompts, each under the prompt it attacks and its seed) and returns `Row`s.
   A row's `key` says what was measured (prompt, target, image…); its `values` are the
   measurements. Rows with equal keys are matched across models for the `--compare` deltas.
   `detail=True` rows (one per image) go to the files but not to the terminal table.
