@@ -69,7 +69,8 @@ def test_write_text_and_json_write_what_they_are_given(tmp_path):
     assert (tmp_path / "a.txt").read_bytes() == "héllo\n".encode()
     write_json(tmp_path / "b.json", {"path": tmp_path, "n": 1})  # non-JSON values as their str()
     assert json.loads((tmp_path / "b.json").read_text()) == {"path": str(tmp_path), "n": 1}
-    assert (tmp_path / "b.json").read_text().endswith("}\n")
+    # Manifests are read by people too: one key a line, indented by two, ending in a newline.
+    assert (tmp_path / "b.json").read_text() == f'{{\n  "path": "{tmp_path}",\n  "n": 1\n}}\n'
 
 
 KILLED_WRITER = """
@@ -135,13 +136,21 @@ def test_ensure_writable_dir_creates_the_folder_and_leaves_no_probe(tmp_path):
     folder = tmp_path / "a" / "b"
     assert ensure_writable_dir(folder) == folder and folder.is_dir()
     assert list(folder.iterdir()) == []
+    (folder / "kept").write_text("")
+    assert ensure_writable_dir(folder) == folder  # an existing folder is fine, and kept as it is
+    assert [p.name for p in folder.iterdir()] == ["kept"]
 
 
 def test_ensure_writable_dir_refuses_a_path_under_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RecareError) as caught:
         ensure_writable_dir(tmp_path / "file" / "out", "run directory")
-    assert "cannot write to run directory" in caught.value.message and caught.value.hint
+    # The OS's reason in words, not errno and path again.
+    assert caught.value.message == f"cannot write to run directory '{tmp_path / 'file' / 'out'}': Not a directory"
+    assert caught.value.hint.startswith("choose another --output-dir")
+    with pytest.raises(RecareError) as caught:
+        ensure_writable_dir(tmp_path / "file")
+    assert caught.value.message.startswith(f"cannot write to output directory '{tmp_path / 'file'}': ")
 
 
 def test_list_images_sorted_by_name_and_filtered_by_suffix(tmp_path):
@@ -163,4 +172,12 @@ def test_list_images_refuses_what_is_not_an_image_folder(tmp_path, case, problem
         (path / "notes.txt").write_text("")
     with pytest.raises(UsageError) as caught:
         list_images(path, flag="--reference-dir")
-    assert caught.value.message.startswith(f"--reference-dir '{path}' {problem}") and caught.value.hint
+    assert caught.value.message.startswith(f"--reference-dir '{path}' {problem}")
+    assert caught.value.hint.startswith(HINTS[case][0]) and HINTS[case][1] in caught.value.hint
+    with pytest.raises(UsageError) as caught:
+        list_images(path)
+    assert caught.value.message.startswith(f"--images '{path}' {problem}")  # the flag erase and careset take
+
+
+HINTS = {"missing": ("pass a folder of images", "images"), "file": ("pass a folder of images", "images"),
+         "empty": ("generate some with `recare generate", "--output-dir DIR")}
