@@ -77,11 +77,11 @@ def sd14_configs(dry_run: bool) -> dict:
     text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
-    if dry_run:
-        unet.update(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=4,
-                    layers_per_block=1, norm_num_groups=32)
-        vae.update(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
-        text.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+    if dry_run:  # widths only (in the real ratios, so the same shortcuts): the same blocks, layers and attention
+        unet.update(block_out_channels=(32, 64, 128, 128), cross_attention_dim=32, attention_head_dim=4,
+                    norm_num_groups=32)
+        vae.update(block_out_channels=(32, 64, 128, 128), norm_num_groups=32)
+        text.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32)
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 

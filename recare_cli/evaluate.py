@@ -106,6 +106,7 @@ class EvalContext:
     seed: int = 42
     generation: GenerateSettings = field(default_factory=GenerateSettings)
     cache: dict = field(default_factory=dict)  # shared by the contexts of one run
+    clip_base: str | None = None  # the model whose CLIP is the default: --model's, for both sides of --compare
     _images: list[EvalImage] | None = None
 
     @property
@@ -132,7 +133,7 @@ class EvalContext:
     def clip(self):
         from recare_cli.clip import DEFAULT_CLIP_PRETRAINED, default_clip_model, load_clip
 
-        name = self.option("clip_model", default_clip_model(self.runtime.model))
+        name = self.option("clip_model", default_clip_model(self.clip_base or self.runtime.model))
         pretrained = self.option("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
         return self.shared(("clip", name, pretrained), lambda: load_clip(
             name, pretrained, cache_dir=self.runtime.cache_dir, offline=self.runtime.offline, device=self.device))
@@ -276,7 +277,7 @@ def evaluate(
             model, options, reporter,
             images_dir=Path(images_dir) if given else Path(output_dir) / "images" / model.label,
             prompts=None if given else prompts, num_images=num_images, seed=seed,
-            generation=generation or GenerateSettings(), cache=cache,
+            generation=generation or GenerateSettings(), cache=cache, clip_base=runtime.model,
         )
         if given:
             ctx.images()  # an empty or missing --images folder fails before anything is written

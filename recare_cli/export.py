@@ -145,6 +145,7 @@ class ExportSettings:
     dtype: str = "fp32"  # fp32 | fp16 | bf16: the precision the export stores
     rank: int = DEFAULT_RANK
     overwrite: bool = False
+    safety_checker: bool = True  # a diffusers export keeps the base pipeline's safety checker
 
 
 @dataclass
@@ -304,9 +305,25 @@ def require_same_weights(expected: dict, loaded: dict, what: str) -> None:
         )
 
 
-def _load_kwargs(dtype_name: str) -> dict:
-    return dict(torch_dtype=_torch_dtype(dtype_name), safety_checker=None, requires_safety_checker=False,
-                local_files_only=True)
+def _load_kwargs(dtype_name: str, safety_checker: bool = False) -> dict:
+    without = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
+    return dict(torch_dtype=_torch_dtype(dtype_name), local_files_only=True, **without)
+
+
+def base_safety_checker(ref: ModelRef):
+    """The base pipeline's safety checker (recare's loads leave it out), or None when it has none."""
+    index_path = Path(ref.path) / "model_index.json"
+    if not index_path.is_file():
+        return None  # a single file or a built-in: nothing to keep
+    library, class_name = (json.loads(index_path.read_text(encoding="utf-8")).get("safety_checker") or [None, None])
+    if class_name is None:
+        return None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    if class_name != StableDiffusionSafetyChecker.__name__:
+        raise RecareError(f"the base model's safety checker is a {library}.{class_name}, which recare cannot export",
+                          hint="pass --no-safety-checker to export without it")
+    return StableDiffusionSafetyChecker.from_pretrained(Path(ref.path) / "safety_checker", local_files_only=True)
 
 
 # format: diffusers folder -------------------------------------------------------------------
@@ -317,6 +334,9 @@ def _export_diffusers(pipe, ref, source, settings, staged: Path, reporter) -> Ex
 
     _erased_pipeline(pipe, source)
     reference = unet_probe(pipe.unet)
+    checker = base_safety_checker(ref) if settings.safety_checker else None
+    pipe.register_modules(safety_checker=checker)
+    pipe.register_to_config(requires_safety_checker=checker is not None)
     variant = None if settings.dtype == "fp32" else settings.dtype
     pipe.to(_torch_dtype(settings.dtype))
     pipe.save_pretrained(staged, safe_serialization=True, variant=variant)
@@ -324,8 +344,9 @@ def _export_diffusers(pipe, ref, source, settings, staged: Path, reporter) -> Ex
     for unet_file in sorted((staged / "unet").glob(f"*{FILE_SUFFIX}")):
         save_file(load_file(str(unet_file)), str(unet_file), metadata=metadata)
 
-    loaded = StableDiffusionPipeline.from_pretrained(staged, variant=variant, **_load_kwargs(settings.dtype))
-    for name in ("vae", "text_encoder", "unet"):
+    loaded = StableDiffusionPipeline.from_pretrained(staged, variant=variant,
+                                                     **_load_kwargs(settings.dtype, checker is not None))
+    for name in ("vae", "text_encoder", "unet") + (("safety_checker",) if checker is not None else ()):
         require_same_weights(_cast(getattr(pipe, name).state_dict(), settings.dtype),
                              getattr(loaded, name).state_dict(), f"{name} of the pipeline folder")
     diff = max_abs_diff(unet_probe(loaded.unet.to(pipe.device)), reference)
@@ -580,6 +601,8 @@ def write_pipeline_configs(pipe, folder: Path) -> None:
         getattr(pipe, name).save_config(folder / name)
     pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    if pipe.feature_extractor is not None:  # SD 1.x hub repos ship one, and the model index names it
+        pipe.feature_extractor.save_pretrained(folder / "feature_extractor")
 
 
 def _export_single_file(pipe, ref, source, settings, staged: Path, reporter) -> ExportResult:

@@ -237,7 +237,8 @@ def test_changed_settings_in_the_same_directory_are_refused(run_cli, finished_ru
     assert result.exit_code == 2 and "different settings" in result.stderr
 
 
-@pytest.mark.parametrize("stop_at", [("inversion-1", 1), ("robust", 1)])
+@pytest.mark.parametrize("stop_at", [("erase-0", 1), ("inversion-0", 1), ("erase-1", 1), ("inversion-1", 1),
+                                     ("robust", 1)])
 def test_interrupted_run_resumes_to_the_same_weights(run_cli, finished_run, inputs, tmp_path, monkeypatch, stop_at):
     from recare_cli.erase import loop
 
@@ -253,7 +254,7 @@ def test_interrupted_run_resumes_to_the_same_weights(run_cli, finished_run, inpu
     monkeypatch.setattr(loop.StageLoop, "step_done", interrupt)
     result = run_cli(*tiny_args(inputs, out))
     assert result.exit_code == 130
-    assert (out / "checkpoint.pt").is_file() and not (out / "unet.safetensors").exists()
+    assert (out / loop.CHECKPOINT).exists() and not (out / "unet.safetensors").exists()
     monkeypatch.setattr(loop.StageLoop, "step_done", original)
 
     result = run_cli(*tiny_args(inputs, out, "--json"))

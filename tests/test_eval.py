@@ -220,3 +220,41 @@ def test_compare_needs_prompts_and_a_different_model(tmp_path, run_cli):
     assert result.exit_code == 2 and "needs the prompts" in result.stderr
     result = run_cli("eval", *TINY, "-m", "nudity", "-p", "x", "--compare", "base", "--output-dir", tmp_path / "out")
     assert result.exit_code == 2 and "--compare base compares with --model itself" in result.stderr
+
+
+def test_compare_with_another_model_evaluates_that_model(tmp_path, tiny_model, run_cli):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # Another model: tiny-random's folder with a perturbed UNet.
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    unet_file = other / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(unet_file))
+    generator = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) if k.endswith("weight") else v
+               for k, v in state.items()}, str(unet_file))
+
+    out = tmp_path / "out"
+    result = run_cli("eval", *TINY, "-m", "clipscore", "--compare", other, "-p", "a cat on a sofa", *FAST,
+                     "--output-dir", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if '"metric"' in line]
+    models = {r["model"] for r in rows}
+    assert len(models) == 3 and "delta" in models
+    folders = sorted(p.name for p in (out / "images").iterdir())
+    assert len(folders) == 2
+    # The compared model's images are the other model's own, not the base's.
+    alone = tmp_path / "alone"
+    result = run_cli("generate", "--model", other, "--device", "cpu", "-p", "a cat on a sofa", *FAST,
+                     "--output-dir", alone, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    drawn = np.asarray(Image.open(alone / "a_cat_on_a_sofa_0.png"))
+    matches = [f for f in folders if np.array_equal(np.asarray(Image.open(out / "images" / f / "a_cat_on_a_sofa_0.png")), drawn)]
+    assert len(matches) == 1
+    scores = {r["model"]: r["clipscore"] for r in rows if r.get("prompt") in ("(all)", None) and "clipscore" in r}
+    (first, second) = sorted(m for m in scores if m != "delta")
+    assert scores["delta"] == pytest.approx(scores[first] - scores[second]) or \
+        scores["delta"] == pytest.approx(scores[second] - scores[first])

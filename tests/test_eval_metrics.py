@@ -151,13 +151,57 @@ def test_object_with_a_resnet_checkpoint(tmp_path, run_cli, resnet_file):
     assert summary(out, "object")["target"] == "tench" and summary(out, "object")["top1000_pct"] == 100.0
 
 
-def test_object_zero_shot_needs_no_classifier(tmp_path, run_cli, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+def test_object_with_a_real_resnet50_layout(tmp_path, run_cli):
+    """torchvision's ResNet-50 itself (Bottleneck blocks, 3-4-6-3), as resnet50-11ad3fa6.pth holds it."""
+    from torchvision import transforms
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(weights=None).eval()
+    weights = tmp_path / "resnet50-random.pth"
+    torch.save(model.state_dict(), weights)
+    folder = noise_folder(tmp_path / "imgs", 2)
+    preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    names = [str(c) for c in __import__("torchvision").models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]]
+    with torch.no_grad():
+        expected = {f.name: names[int(model(preprocess(Image.open(f).convert("RGB"))[None]).argmax())]
+                    for f in sorted(folder.iterdir())}
     out = tmp_path / "out"
-    result = run_cli("eval", *TINY, "-m", "object", "--zero-shot", "--target", "tench", "--top-k", "1000",
-                     "--images", noise_folder(tmp_path / "imgs", 2), "--output-dir", out)
+    target = expected["noise_0.png"]
+    result = run_cli("eval", *TINY, "-m", "object", "--target", target, "--top-k", "1", "--classifier-weights",
+                     weights, "--images", folder, "--output-dir", out)
     assert result.exit_code == 0, result.stderr
-    assert summary(out, "object")["top1000_pct"] == 100.0
+    assert {name: row["top1_class"] for name, row in per_image(out, "object").items()} == expected
+    assert summary(out, "object")["top1_pct"] == pytest.approx(50.0 * sum(v == target for v in expected.values()))
+
+
+def test_object_zero_shot_classifies_with_clip_over_the_imagenet_names(tmp_path, run_cli, monkeypatch):
+    from recare_cli.clip import load_clip
+    from recare_cli.metrics.object import imagenet_classes
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no classifier weights anywhere
+    folder = noise_folder(tmp_path / "imgs", 3)
+    clip = load_clip("tiny-random")
+    names = imagenet_classes()
+    text = clip.encode_text([f"a photo of a {c}." for c in names])
+    images = [Image.open(f).convert("RGB") for f in sorted(folder.iterdir())]
+    ranked = (clip.encode_images(images) @ text.T).argsort(dim=1, descending=True)
+    target = names[int(ranked[0, 0])]  # image 0's top-1 class: a hit there, elsewhere only if it ranks first too
+    out = tmp_path / "out"
+    result = run_cli("eval", *TINY, "-m", "object", "--zero-shot", "--target", target, "--top-k", "1",
+                     "--images", folder, "--output-dir", out)
+    assert result.exit_code == 0, result.stderr
+    rows = per_image(out, "object")
+    assert [rows[f"noise_{i}.png"]["top1_class"] for i in range(3)] == [names[int(r[0])] for r in ranked]
+    hits = [names[int(r[0])] == target for r in ranked]
+    assert summary(out, "object")["top1_pct"] == pytest.approx(100 * sum(hits) / 3)
+    # A class no image ranks first: 0%, so the test can fail.
+    miss = names[int(ranked[0, -1])]
+    result = run_cli("eval", *TINY, "-m", "object", "--zero-shot", "--target", miss, "--top-k", "1",
+                     "--images", folder, "--output-dir", out, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert summary(out, "object")["top1_pct"] == 0.0
 
 
 def test_object_offline_without_weights_names_the_file(tmp_path, run_cli, monkeypatch):
@@ -362,24 +406,48 @@ def test_fid_rejects_other_weights_and_an_empty_reference(tmp_path, run_cli, res
     assert result.exit_code in (1, 2)
 
 
-def test_fid_end_to_end_with_random_inception_weights(tmp_path, run_cli):
+def test_fid_end_to_end_equals_the_textbook_formula_on_the_same_features(tmp_path, run_cli):
+    """pytorch-fid's recipe, written out independently: Inception pool features, np.cov, scipy's sqrtm."""
+    from scipy.linalg import sqrtm
+    from torchvision import transforms
     from torchvision.models import inception_v3
 
     torch.manual_seed(0)
     model = inception_v3(weights=None, aux_logits=True, init_weights=False)
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
-            # PyTorch's default init shrinks activations to ~1e-8 over Inception's depth: features would all be 0.
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     weights = tmp_path / "inception.pth"
     torch.save(model.state_dict(), weights)
-    generated = noise_folder(tmp_path / "a", 2, size=32, seed=1)
-    reference = noise_folder(tmp_path / "b", 2, size=32, seed=2)
+    generated = noise_folder(tmp_path / "a", 3, size=32, seed=1)
+    reference = noise_folder(tmp_path / "b", 4, size=32, seed=2)
+
+    features_model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    features_model.load_state_dict(torch.load(weights, weights_only=True))
+    features_model.fc = torch.nn.Identity()
+    features_model.eval()
+    preprocess = transforms.Compose([transforms.Resize((299, 299)), transforms.ToTensor(),
+                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def features(folder):
+        with torch.no_grad():
+            batch = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in sorted(folder.iterdir())])
+            return features_model(batch).double().numpy()
+
+    f1, f2 = features(generated), features(reference)
+    sigma1, sigma2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    # Tr sqrt(S1 S2) is the sum of the square roots of S1 S2's eigenvalues. With S1 = X1ᵀX1 (X1 the centred
+    # features over sqrt(n1 - 1)), the nonzero ones are those of the n1 x n1 matrix X1 S2 X1ᵀ: scipy's sqrtm of that
+    # small matrix gives the textbook term without a 2048 x 2048 square root, which takes minutes on 2 cores.
+    x1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    trace_sqrt = np.trace(sqrtm(x1 @ sigma2 @ x1.T).real)
+    textbook = float(np.sum((f1.mean(0) - f2.mean(0)) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
     out = tmp_path / "out"
     result = run_cli("eval", *TINY, "-m", "fid", "--reference-dir", reference, "--inception-weights", weights,
                      "--images", generated, "--output-dir", out)
     assert result.exit_code == 0, result.stderr
     assert "biased upward" in result.stderr
     row = summary(out, "fid")
-    assert row["images"] == row["reference_images"] == 2
-    assert np.isfinite(row["fid"]) and row["fid"] > 1e-4
+    assert row["images"] == 3 and row["reference_images"] == 4
+    assert row["fid"] == pytest.approx(textbook, rel=1e-4)

@@ -43,6 +43,9 @@ def export(
     rank: Annotated[int, typer.Option(
         help="LoRA rank; no layer gets more than its full rank, so a large value is exact.")] = DEFAULT_RANK,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output.")] = False,
+    safety_checker: Annotated[bool, typer.Option(
+        help="Keep the base model's safety checker in a diffusers export (as the base pipeline has it); "
+             "--no-safety-checker leaves it out. Other formats never hold one.")] = True,
 ) -> None:
     """Export an erased model; every export is loaded back and checked against the source before it is kept.
 
@@ -54,7 +57,7 @@ def export(
 
     settings = core.ExportSettings(
         format=format.value, output=output, dtype="fp32" if common.dtype == "auto" else common.dtype,
-        rank=rank, overwrite=overwrite,
+        rank=rank, overwrite=overwrite, safety_checker=safety_checker,
     )
     export_source = core.resolve_source(source, common.cache_dir)
     explicit_model = common.model if _model_given(ctx) else None

@@ -1,0 +1,98 @@
+"""Export's reload check can fail: a weight perturbed while a writer writes it fails the command, and nothing is left.
+
+The fault goes in at the one place every writer's bytes pass through, `safetensors.torch.save_file`
+(diffusers' save_pretrained included; transformers binds it as `safe_save_file`), so the check sees exactly what a corrupted write would give.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_export import _json_result, erased_state, run_dir  # noqa: F401 - fixtures
+
+# The tensor each writer's file holds for the UNet's output bias (it adds straight to the probe),
+# for a text-encoder weight (the probe never sees it: only the bit-for-bit check can), and the LoRA / token tensors.
+UNET_OUTPUT_BIAS = ("conv_out.bias", "model.diffusion_model.out.2.bias")
+TEXT_WEIGHT = ("final_layer_norm.weight",)
+LORA_OUTPUT = ("unet.conv_out.lora_B.weight",)
+TOKEN = ("token_",)
+OUTPUTS = {"unet": "unet.safetensors", "single-file": "model.safetensors", "diffusers": "pipe",
+           "lora": "lora.safetensors", "tokens": "tokens"}
+
+
+def _inject(monkeypatch, suffixes: tuple[str, ...]) -> list[str]:
+    """Make save_file add 1 to every tensor whose key ends with (or, for tokens, starts with) one of `suffixes`."""
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    real = safetensors.torch.save_file
+    hits = []
+
+    def faulty(tensors, filename, metadata=None):
+        tensors = dict(tensors)
+        for key in tensors:
+            if key.endswith(suffixes) or key.startswith(suffixes):
+                tensors[key] = (tensors[key].float() + 1.0).to(tensors[key].dtype)
+                hits.append(key)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", faulty)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", faulty)  # the text encoder's writer
+    return hits
+
+
+def _export(run_cli, run_dir, fmt: str, dtype: str, out):  # noqa: F811
+    return run_cli("export", run_dir, "-f", fmt, "-o", out / OUTPUTS[fmt], "--dtype", dtype, "--device", "cpu", "--json")
+
+
+def _failed_and_wrote_nothing(result, folder) -> None:
+    assert result.exit_code == 1, result.stderr
+    assert "export check failed" in result.stderr and "nothing was written" in result.stderr
+    assert list(folder.iterdir()) == []  # neither the output nor a staging folder
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("fmt,suffixes", [("unet", UNET_OUTPUT_BIAS), ("single-file", UNET_OUTPUT_BIAS),
+                                          ("diffusers", UNET_OUTPUT_BIAS), ("lora", LORA_OUTPUT),
+                                          ("tokens", TOKEN)])
+def test_a_perturbed_weight_fails_the_export(run_cli, run_dir, tmp_path, monkeypatch, fmt, suffixes, dtype):  # noqa: F811
+    hits = _inject(monkeypatch, suffixes)
+    result = _export(run_cli, run_dir, fmt, dtype, tmp_path)
+    assert hits, "the fault went in"
+    _failed_and_wrote_nothing(result, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["unet", "single-file", "diffusers"])
+def test_the_probe_alone_catches_a_perturbed_unet(run_cli, run_dir, tmp_path, monkeypatch, fmt):  # noqa: F811
+    from recare_cli import export
+
+    monkeypatch.setattr(export, "require_same_weights", lambda *args, **kwargs: None)
+    _inject(monkeypatch, UNET_OUTPUT_BIAS)
+    _failed_and_wrote_nothing(_export(run_cli, run_dir, fmt, "bf16", tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_the_weight_check_catches_what_the_probe_cannot_see(run_cli, run_dir, tmp_path, monkeypatch, fmt):  # noqa: F811
+    hits = _inject(monkeypatch, TEXT_WEIGHT)
+    result = _export(run_cli, run_dir, fmt, "fp32", tmp_path)
+    assert hits
+    _failed_and_wrote_nothing(result, tmp_path)
+    assert "text_encoder" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", list(OUTPUTS))
+def test_bf16_export_of_every_format_passes_its_check(run_cli, run_dir, tmp_path, fmt):  # noqa: F811
+    data = _json_result(_export(run_cli, run_dir, fmt, "bf16", tmp_path))
+    assert data["dtype"] == "bf16" and 0 <= data["max_abs_diff"] <= data["tolerance"]
+    written = tmp_path / OUTPUTS[fmt]
+    files = [written] if written.is_file() else sorted(written.rglob("*.safetensors"))
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes |= {handle.get_slice(k).get_dtype() for k in handle.keys()}
+    assert dtypes == {"BF16"}, json.dumps(sorted(dtypes))
