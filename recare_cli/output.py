@@ -8,7 +8,6 @@ prints no results (the files are the result), only warnings on stderr.
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -79,7 +78,9 @@ class Reporter:
                     self.console.print(f"{key}: {value}", highlight=False)
 
     def _json_line(self, data: dict) -> None:
-        self._stdout.write(json.dumps(data, default=str) + "\n")
+        from recare_cli.fsutil import json_text
+
+        self._stdout.write(json_text(data, undefined_as_null=True) + "\n")
         self._stdout.flush()
 
     # progress -------------------------------------------------------------------------------
