@@ -33,9 +33,11 @@ def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path | None:
     """The cache folder as a Path; a UsageError if something other than a folder is in its way."""
     if cache_dir is None:
         return None
+    from recare_cli.fsutil import file_in_the_way
+
     path = Path(cache_dir).expanduser()
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = file_in_the_way(path)
+    if blocker is not None:
         raise UsageError(f"--cache-dir '{path}' is not a folder ('{blocker}' is a file)",
                          hint="point --cache-dir (or RECARE_CACHE_DIR) at a folder")
     return path

@@ -182,7 +182,7 @@ def check_settings(settings: ExportSettings) -> None:
             kind = "folder" if output.is_dir() else "file"
             raise UsageError(f"'{output}' is a {kind}; this export would replace it with a "
                              f"{'file' if wants_file else 'folder'}", hint="choose another --output")
-    ensure_writable_dir(output.parent, "output folder")
+    ensure_writable_dir(output.parent, "--output")
 
 
 @contextmanager

@@ -95,17 +95,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
-    """Create `path` if needed and prove we can write there, before any expensive work starts."""
+def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """Create `path` if needed and prove we can write there, before any expensive work starts.
+
+    `flag` is the option the folder came from (--output-dir, export's --output…): the message and
+    its hint name the flag the command actually has.
+    """
     path = Path(path)
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise UsageError(f"cannot write to {flag} '{path}': '{blocker}' is a file, not a folder",
+                         hint=f"choose another {flag}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".recare-probe-", delete=True)
         probe.close()
     except OSError as exc:
         raise RecareError(
-            f"cannot write to {what} '{path}': {exc.strerror or exc}",
-            hint="choose another --output-dir or fix its permissions",
+            f"cannot write to {flag} '{path}': {exc.strerror or exc}",
+            hint=f"choose another {flag} or fix its permissions",
         ) from None
     return path
 
@@ -176,6 +184,13 @@ def _scan(folder: Path, flag: str, files: tuple[Path, ...], stamp: tuple) -> Ima
 
 
 _WARNED: set[ImageScan] = set()
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The existing non-folder (`folder` itself or a parent) that stops `folder` from being a folder, if any."""
+    folder = Path(folder).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def list_images(folder: str | os.PathLike, flag: str = "--images", suffixes: tuple[str, ...] = IMAGE_SUFFIXES,

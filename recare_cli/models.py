@@ -20,11 +20,13 @@ from typing import Callable
 
 from recare_cli import cache
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
+from recare_cli.output import quiet_libraries
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TOKENS_FILE = "tokens.safetensors"  # an erase run's learned tokens, next to its unet.safetensors
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_UNET_PREFIX = "model.diffusion_model."  # the UNet's keys in every SD single-file checkpoint
 # What a pipeline needs from a hub repo; SD repos also hold multi-GB .ckpt files we never want.
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 
@@ -147,6 +149,8 @@ def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = Fals
             )
         if path.suffix == ".safetensors":
             _check_safetensors(path, spec)
+        else:
+            _check_ckpt(path, spec)
         return ModelRef(spec, "single-file", path)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _resolve_hub(spec, offline)
@@ -163,14 +167,37 @@ def _check_safetensors(path: Path, spec: str) -> None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if not list(handle.keys()):
-                raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
+            keys = list(handle.keys())
+        if not keys:
+            raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
+        if not any(key.startswith(SINGLE_FILE_UNET_PREFIX) for key in keys):
+            raise RecareError(f"'{spec}' is not a Stable Diffusion checkpoint (no {SINGLE_FILE_UNET_PREFIX}* weights)",
+                              hint="erased UNet weights go to --unet; --model takes a whole pipeline")
     except RecareError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
         raise RecareError(
             f"'{spec}' is not a readable safetensors checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
         ) from None
+
+
+def _check_ckpt(path: Path, spec: str) -> None:
+    """A .ckpt must be a PyTorch zip archive of tensors; anything else is a bad file (exit 1), not a missing model.
+
+    Only the archive's table of contents is read here; the tensors are loaded later, without
+    running code (weights only). An old-style bare pickle is refused: reading it could run code.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise RecareError(f"'{spec}' is not a readable .ckpt checkpoint (not a PyTorch zip archive: {exc})",
+                          hint="pass a .safetensors file, a diffusers folder or a hub id") from None
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise RecareError(f"'{spec}' is not a readable .ckpt checkpoint (no data.pkl in the archive)",
+                          hint="pass a .safetensors file, a diffusers folder or a hub id")
 
 
 def _resolve_hub(repo_id: str, offline: bool) -> ModelRef:
@@ -254,7 +281,12 @@ def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, sin
         return StableDiffusionPipeline.from_pretrained(str(ref.path), local_files_only=True, **kwargs)
     except RecareError:
         raise
-    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+    except Exception as exc:  # noqa: BLE001 - classified below: a bad file, or configs that are not here
+        if ref.kind == "single-file" and _unreadable_weights(exc):
+            raise RecareError(f"'{ref.spec}' is unreadable: its weights cannot be loaded as tensors",
+                              hint="the file is damaged or not a Stable Diffusion checkpoint") from None
+        if not isinstance(exc, (OSError, ValueError, KeyError)):
+            raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         error = ModelNotAvailable if ref.kind == "single-file" else RecareError
         raise error(
@@ -263,6 +295,20 @@ def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, sin
                  "(`hf download REPO --include '*.json' '*.txt'` once online)"
             if ref.kind == "single-file" else "is the folder a complete diffusers pipeline?",
         ) from exc
+
+
+def _unreadable_weights(exc: BaseException) -> bool:
+    """Whether loading failed on the file's contents (a refused or broken pickle, a damaged archive)."""
+    import pickle
+    import zipfile
+
+    while exc is not None:
+        text = str(exc)
+        if isinstance(exc, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError)) or "weights_only" in text \
+                or "Weights only load failed" in text or "PytorchStreamReader" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # erased UNet weights (--unet) ----------------------------------------------------------------
@@ -429,21 +475,6 @@ class Runtime:
         set_scheduler(pipe, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device), ref, unet_path
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers print their own bars and notices; recare owns the terminal."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    # diffusers >= 0.36 renamed torch_dtype to dtype; older releases only know torch_dtype.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def library_versions() -> dict:

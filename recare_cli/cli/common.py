@@ -15,7 +15,7 @@ import typer
 from recare_cli.cache import check_cache_dir
 from recare_cli.models import DEFAULT_MODEL
 from recare_cli.numbers import check_all
-from recare_cli.output import HUMAN, JSON, QUIET, Reporter
+from recare_cli.output import HUMAN, JSON, QUIET, Reporter, quiet_libraries
 
 COMMON_PANEL = "Common options"
 
@@ -103,6 +103,7 @@ def with_common(func=None, *, default_model: str | None = None):
                 cache_dir=kwargs.pop("cache_dir"),
             )
             VERBOSE["on"] = common.verbose
+            quiet_libraries(common.verbose)
             check_all(kwargs)  # typed, environment and config.toml values alike, before anything loads
             check_cache_dir(common.cache_dir)
             if common.offline:

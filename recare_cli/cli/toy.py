@@ -28,11 +28,12 @@ def train(
     from recare_cli.errors import UsageError
     from recare_cli.fsutil import ensure_writable_dir
     from recare_cli.numbers import check
-    from recare_cli.output import HUMAN, JSON, Reporter
+    from recare_cli.output import HUMAN, JSON, Reporter, quiet_libraries
     from recare_cli.toy.package import TOY_JSON
     from recare_cli.toy.train import train_toy_world
 
     check("fraction", fraction)
+    quiet_libraries()
     if (output / TOY_JSON).exists() and not overwrite:
         raise UsageError(f"'{output}' already holds a toy model", hint="pass --overwrite or another --output")
     ensure_writable_dir(output, "--output")
