@@ -173,8 +173,8 @@ def read_image_folder(folder: Path, flag: str, prompts: list[PromptRow] | None =
         warn(f"--prompt/--prompts-file unused: every image in {flag} has its prompt in manifest.jsonl")
     if prompts and unlisted:
         if len(prompts) > 1:
-            raise UsageError(f"{len(unlisted)} images in {flag} '{folder}' have no manifest.jsonl entry, and "
-                             f"{len(prompts)} prompts cannot be matched to them",
+            raise UsageError(f"{len(unlisted)} of the images in {flag} '{folder}' have no manifest.jsonl entry, "
+                             f"and {len(prompts)} prompts cannot be matched to them",
                              hint="give one --prompt for all of them, or a manifest.jsonl mapping file to prompt")
         fallback = prompts[0]
     return [

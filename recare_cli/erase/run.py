@@ -26,6 +26,7 @@ from recare_cli.erase.denoise import NSTEPS
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
 from recare_cli.models import TOKENS_FILE, Runtime
+from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
