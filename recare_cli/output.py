@@ -144,8 +144,10 @@ QUIET_REPORTER = Reporter(QUIET)
 
 # Read when each library is first imported, so setting them at command start silences it for good.
 LIBRARY_ENV = {
-    "DIFFUSERS_VERBOSITY": "error",  # e.g. "An error occurred while trying to fetch …"
-    "TRANSFORMERS_VERBOSITY": "error",
+    # Their errors too (diffusers logs "An error occurred while trying to fetch …" and then raises):
+    # what fails reaches the user as recare's one Error line.
+    "DIFFUSERS_VERBOSITY": "critical",
+    "TRANSFORMERS_VERBOSITY": "critical",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Writing model shards"
     "TQDM_DISABLE": "1",  # every other tqdm bar, e.g. diffusers' "Loading pipeline components"
@@ -172,12 +174,12 @@ def quiet_libraries(verbose: bool | None = None) -> None:
     # recare's own warnings go through Reporter.warn, so every Python warning is a library's.
     warnings.filterwarnings("ignore")
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # Already imported (a long-lived process, the tests): set what the environment would have.
     for name in ("diffusers", "transformers"):
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "utils"):
-            module.utils.logging.set_verbosity_error()
+            module.utils.logging.set_verbosity(logging.CRITICAL)
             module.utils.logging.disable_progress_bar()
     hub = sys.modules.get("huggingface_hub")
     if hub is not None:

@@ -74,8 +74,11 @@ def clear(
         if not sys.stdin.isatty():
             raise UsageError(f"not deleting {what} from {root}: there is no terminal to confirm on",
                              hint="pass --yes to delete without asking")
-        # The question goes to stderr: stdout carries only results (and JSON with --json).
-        if not typer.confirm(f"Delete {what} from {root}?", err=True):
+        # The question goes to stderr: stdout carries only results (and JSON with --json). Not
+        # typer.confirm: click's prompt writes a stray space to stdout even with err=True.
+        sys.stderr.write(f"Delete {what} from {root}? [y/N]: ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise RecareError(f"not confirmed: nothing was deleted from {root}")
     removed = clear_entries(root, section, name)
     Reporter(JSON if json_output else HUMAN).result(
