@@ -88,6 +88,7 @@ def ws(tmp_path_factory) -> Path:
 
     torch.save({"state_dict": {"w": Planted()}}, root / "planted.ckpt")
     (root / "garbage.ckpt").write_bytes(b"this is not a checkpoint at all")
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, root / "not-sd.ckpt")
     (root / "garbage.safetensors").write_bytes(struct.pack("<Q", 9) + b"{garbage}" + b"\0" * 16)
     save_file({"first_stage_model.w": torch.zeros(1)}, str(root / "vae-only.safetensors"))
     save_file({"w": torch.zeros(1)}, str(root / "unet.safetensors"))
@@ -180,7 +181,9 @@ CASES = [
     ("ckpt-planted", ["generate", "-p", "a cat", "--model", "{ws}/planted.ckpt", "--device", "cpu",
                       "--output-dir", OUT], 1, "is unreadable"),
     ("ckpt-garbage", ["generate", "-p", "a cat", "--model", "{ws}/garbage.ckpt", "--device", "cpu",
-                      "--output-dir", OUT], 1, "is not a readable .ckpt checkpoint"),
+                      "--output-dir", OUT], 1, "is unreadable: not a PyTorch checkpoint"),
+    ("ckpt-not-sd", ["generate", "-p", "a cat", "--model", "{ws}/not-sd.ckpt", "--device", "cpu",
+                     "--output-dir", OUT], 1, "is not a Stable Diffusion checkpoint"),
     ("safetensors-garbage", ["generate", "-p", "a cat", "--model", "{ws}/garbage.safetensors", "--device", "cpu",
                              "--output-dir", OUT], 1, "is not a readable safetensors checkpoint"),
     ("safetensors-not-sd", ["generate", "-p", "a cat", "--model", "{ws}/vae-only.safetensors", "--device", "cpu",
