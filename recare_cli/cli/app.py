@@ -138,7 +138,8 @@ def _root(
 ) -> None:
     """Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).
 
-    Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (offline, not cached), 130 interrupted.
+    Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (offline, not cached), 130 interrupted (Ctrl-C,
+    whenever it lands). Bad inputs are one `Error:` line; see docs/inputs.md.
     """
     from recare_cli.config import default_map, load_config
 
