@@ -139,7 +139,7 @@ def _root(
     """Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).
 
     Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (offline, not cached), 130 interrupted (Ctrl-C,
-    whenever it lands). Bad inputs are one `Error:` line; see docs/inputs.md.
+    whenever it lands). A bad input gets a one-line message; see docs/inputs.md.
     """
     from recare_cli.config import default_map, load_config
 
