@@ -21,12 +21,26 @@ SECTIONS = ("models", "clip", "erased")
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir:
-        return Path(cache_dir).expanduser()
+        return check_cache_dir(cache_dir)
     if os.environ.get("RECARE_CACHE_DIR"):
-        return Path(os.environ["RECARE_CACHE_DIR"]).expanduser()
+        return check_cache_dir(os.environ["RECARE_CACHE_DIR"])
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("recare"))
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cache folder as a Path; a UsageError if something other than a folder is in its way."""
+    if cache_dir is None:
+        return None
+    from recare_cli.fsutil import file_in_the_way
+
+    path = Path(cache_dir).expanduser()
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise UsageError(f"--cache-dir '{path}' is not a folder ('{blocker}' is a file)",
+                         hint="point --cache-dir (or RECARE_CACHE_DIR) at a folder")
+    return path
 
 
 @dataclass

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from recare_cli.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import list_images
+from recare_cli.fsutil import list_images, scan_images
+from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 CARESET_FILE = "careset.json"
@@ -362,13 +363,8 @@ def _check_params(concept: str, prompt_style: str, top_k_per_image: int, top_n_t
         raise UsageError(f"--concept '{concept}' has no letter or digit to build the CARE set's key from")
     if prompt_style not in PROMPT_STYLES:
         raise UsageError(f"--prompt-style '{prompt_style}' is not one of {', '.join(PROMPT_STYLES)}")
-    for flag, value, low in (("--top-k-per-image", top_k_per_image, 1), ("--top-n-tokens", top_n_tokens, 2),
-                             ("--n-clusters", n_clusters, 1), ("--k-each-side", k_each_side, 0),
-                             ("--min-cluster-size", min_cluster_size, 2)):
-        if value < low:
-            raise UsageError(f"{flag} must be at least {low} (got {value})")
-    if alpha < 0:
-        raise UsageError(f"--alpha must be >= 0 (got {alpha})")
+    check_all({"top_k_per_image": top_k_per_image, "top_n_tokens": top_n_tokens, "n_clusters": n_clusters,
+               "k_each_side": k_each_side, "min_cluster_size": min_cluster_size, "alpha": alpha})
 
 
 def build_careset(
@@ -405,7 +401,7 @@ def build_careset(
 
     _check_params(concept, prompt_style, top_k_per_image, top_n_tokens, n_clusters, k_each_side,
                   min_cluster_size, alpha)
-    paths = list_images(Path(images_dir))
+    paths = list_images(Path(images_dir), warn=reporter.warn)
     output_dir = Path(output_dir)
     careset_path, report_path = output_dir / CARESET_FILE, output_dir / REPORT_FILE
     if careset_path.exists() and not overwrite:
@@ -421,9 +417,10 @@ def build_careset(
     vocab_matrix = vocab_embeddings(clip, candidate_tokens, cache_dir=cache_dir, reporter=reporter)
 
     image_embeddings, used, skipped = embed_images(clip, paths, reporter)
-    if skipped:
+    if skipped:  # changed since list_images checked them
         reporter.warn(f"skipped {len(skipped)} of {len(paths)} images that could not be read "
                       f"(e.g. {skipped[0].name})")
+    skipped = [path for path, _ in scan_images(Path(images_dir)).skipped] + skipped
     if not used:
         raise RecareError(f"none of the {len(paths)} images in '{images_dir}' could be read",
                           hint="are they valid png/jpg files?")

@@ -40,3 +40,35 @@ class Interrupted(RecareError):
     """Ctrl-C: finished work (atomic files, checkpoints) stays, and a rerun continues from it."""
 
     exit_code = INTERRUPTED
+
+
+INTERRUPT_MESSAGE = "interrupted; finished work is kept and a rerun continues from it"
+_SIGINT = {"received": False}
+
+
+def on_sigint(signum, frame) -> None:
+    """SIGINT handler: remembers that Ctrl-C was pressed, then interrupts as Python's own handler does."""
+    _SIGINT["received"] = True
+    raise KeyboardInterrupt
+
+
+def is_interrupt(exc: BaseException | None) -> bool:
+    """Whether `exc` is Ctrl-C, also when a library wrapped it in its own error.
+
+    diffusers' lazy imports turn a KeyboardInterrupt into "RuntimeError: Failed to import
+    diffusers.pipelines…", and code cleaning up after it can raise anything; so once SIGINT has
+    arrived every error counts as the interrupt, and otherwise the exception's chain is searched.
+    """
+    if _SIGINT["received"]:
+        return True
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, (KeyboardInterrupt, Interrupted)):
+            return True
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return False

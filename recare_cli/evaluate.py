@@ -55,6 +55,7 @@ from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import IMAGE_SUFFIXES, ensure_writable_dir, list_images, write_json, write_text
 from recare_cli.generate import GenerateSettings, PromptRow, generate, plan_jobs, read_manifest
 from recare_cli.models import Runtime, library_versions, resolve_model, resolve_unet
+from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.processes import launched_world, process_group
 
@@ -157,15 +158,32 @@ class EvalContext:
         ]
 
 
-def read_image_folder(folder: Path, flag: str) -> list[EvalImage]:
-    """A folder's images, with prompts and seeds from its manifest.jsonl when `recare generate` wrote it."""
+def read_image_folder(folder: Path, flag: str, prompts: list[PromptRow] | None = None,
+                      warn: Callable[[str], None] | None = None) -> list[EvalImage]:
+    """A folder's images, with prompts and seeds from its manifest.jsonl when `recare generate` wrote it.
+
+    Images without a manifest entry (a folder from another tool) take the one prompt given, if any;
+    several prompts cannot be matched to them, which is a UsageError.
+    """
     try:
         entries = {e.get("file"): e for e in read_manifest(folder) if isinstance(e, dict)}
     except ValueError:  # a damaged manifest only costs the prompts, which most metrics do not need
         entries = {}
+    paths = list_images(folder, flag, EVAL_IMAGE_SUFFIXES)
+    unlisted = [p for p in paths if not entries.get(p.name, {}).get("prompt")]
+    fallback = None
+    if prompts and not unlisted and warn is not None:
+        warn(f"--prompt/--prompts-file unused: every image in {flag} has its prompt in manifest.jsonl")
+    if prompts and unlisted:
+        if len(prompts) > 1:
+            raise UsageError(f"{len(unlisted)} of the images in {flag} '{folder}' have no manifest.jsonl entry, "
+                             f"and {len(prompts)} prompts cannot be matched to them",
+                             hint="give one --prompt for all of them, or a manifest.jsonl mapping file to prompt")
+        fallback = prompts[0]
     return [
-        EvalImage(path, entries.get(path.name, {}).get("prompt"), entries.get(path.name, {}).get("seed"))
-        for path in list_images(folder, flag, EVAL_IMAGE_SUFFIXES)
+        EvalImage(path, entries[path.name]["prompt"], entries[path.name].get("seed")) if path not in unlisted
+        else EvalImage(path, fallback.prompt if fallback else None, fallback.seed if fallback else None)
+        for path in paths
     ]
 
 
@@ -255,8 +273,15 @@ def evaluate(
     if compare is not None and prompts is None:
         raise UsageError("--compare generates the base model's images and needs the prompts",
                          hint="pass --prompt or --prompts-file")
-    if images_dir is not None and prompts is not None and compare is None:
-        reporter.warn("--prompt/--prompts-file unused: the images come from --images")
+    settings = generation or GenerateSettings()
+    check_all(asdict(settings))
+    if prompts is not None:
+        plan_jobs(prompts, num_images, seed)  # seeds, sizes and file names are checked before anything loads
+    given_images = None
+    if images_dir is not None:
+        # Every image is checked now, and the prompts fill in for images the manifest does not list.
+        given_images = read_image_folder(Path(images_dir), "--images", prompts,
+                                         warn=reporter.warn if compare is None else None)
     if unet is not None:
         resolve_unet(unet, runtime.cache_dir)  # a mistyped --unet fails before anything is written
     spread = launched_world() > 1
@@ -277,10 +302,8 @@ def evaluate(
             model, options, reporter,
             images_dir=Path(images_dir) if given else Path(output_dir) / "images" / model.label,
             prompts=None if given else prompts, num_images=num_images, seed=seed,
-            generation=generation or GenerateSettings(), cache=cache, clip_base=runtime.model,
+            generation=settings, cache=cache, clip_base=runtime.model, _images=given_images if given else None,
         )
-        if given:
-            ctx.images()  # an empty or missing --images folder fails before anything is written
         contexts.append(ctx)
     output_dir = ensure_writable_dir(output_dir)
     check_results_free(output_dir, overwrite)
@@ -318,7 +341,7 @@ def evaluate(
         "images": str(images_dir) if images_dir else None,
         "prompts": [asdict(p) for p in prompts] if prompts else None,
         "num_images": num_images, "seed": seed,
-        "generation": asdict(generation or GenerateSettings()),
+        "generation": asdict(settings),
         "options": options,
         "attack": None if attack_plan is None else {
             "name": attack_plan.name, **asdict(attack_plan.settings),
@@ -392,5 +415,6 @@ def write_results(output_dir: Path, records: list[dict], run: dict) -> list[str]
         writer.writerow({**{k: "" for k in header}, **public(record), "detail": int(record["detail"])})
     csv_path, json_path = Path(output_dir) / RESULTS_CSV, Path(output_dir) / RESULTS_JSON
     write_text(csv_path, buffer.getvalue())
-    write_json(json_path, {**run, "results": [public(r) for r in records]})
+    # A metric can be undefined (a FID of too few images): null in JSON, empty in the CSV.
+    write_json(json_path, {**run, "results": [public(r) for r in records]}, undefined_as_null=True)
     return [str(csv_path), str(json_path)]

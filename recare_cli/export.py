@@ -27,6 +27,7 @@ from recare_cli import __version__
 from recare_cli.cache import cache_root, lookup_erased
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import ensure_writable_dir
+from recare_cli.numbers import check
 from recare_cli.models import TOKENS_FILE, UNET_FILE, ModelRef, Runtime, apply_unet_weights, read_unet_state_dict
 from recare_cli.output import QUIET_REPORTER, Reporter
 
@@ -167,8 +168,7 @@ def check_settings(settings: ExportSettings) -> None:
         raise UsageError(f"unknown export format '{settings.format}'", hint=f"choose one of {', '.join(FORMATS)}")
     if settings.dtype not in TOLERANCE:
         raise UsageError(f"cannot export in '{settings.dtype}'", hint="use --dtype fp32, fp16 or bf16")
-    if settings.rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {settings.rank}")
+    check("rank", settings.rank)
     output = Path(settings.output)
     wants_file = output.suffix == FILE_SUFFIX
     if settings.format == "diffusers" and wants_file:
@@ -183,7 +183,7 @@ def check_settings(settings: ExportSettings) -> None:
             kind = "folder" if output.is_dir() else "file"
             raise UsageError(f"'{output}' is a {kind}; this export would replace it with a "
                              f"{'file' if wants_file else 'folder'}", hint="choose another --output")
-    ensure_writable_dir(output.parent, "output folder")
+    ensure_writable_dir(output.parent, "--output")
 
 
 @contextmanager

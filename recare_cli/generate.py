@@ -7,6 +7,7 @@ CPU generator, so batching or splitting across processes never changes an image.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from contextlib import suppress
@@ -14,14 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json, write_text
+from recare_cli.fsutil import atomic_path, ensure_writable_dir, image_problem, json_text, write_json, write_text
 from recare_cli.models import Runtime, library_versions
+from recare_cli.numbers import SEED_LIMIT, check_all, check_job_count, parse_seed
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.processes import own_device, process_group
 
 MANIFEST = "manifest.jsonl"
 RUN_RECORD = "recare-run.json"
 SEED_COLUMNS = ("evaluation_seed", "seed")
+MAX_NAME_BYTES = 200  # of an image's file name, in UTF-8; file systems allow 255
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,7 @@ def _read_csv(path: Path, text: str) -> list[PromptRow]:
             continue
         seed = None
         if seed_column and record.get(seed_column):
-            try:
-                seed = int(float(record[seed_column]))
-            except ValueError:
-                raise UsageError(f"CSV '{path}' line {line_no}: seed '{record[seed_column]}' is not a number") from None
+            seed = parse_seed(record[seed_column], f"CSV '{path}' line {line_no}")
         rows.append(PromptRow(record["prompt"], seed, record.get("case_number") or None))
     return rows
 
@@ -124,18 +124,32 @@ def _read_csv(path: Path, text: str) -> list[PromptRow]:
 # planning ----------------------------------------------------------------------------------
 
 def image_filename(prompt: str, index: int, case_number: str | None = None) -> str:
-    """The reference's names: prompt words joined by `_`, then `_{i}.png` (case number if given)."""
+    """The reference's names: prompt words joined by `_`, then `_{i}.png` (case number if given).
+
+    File systems allow 255 bytes a name: a longer stem (emoji and CJK take 3-4 bytes a character)
+    is cut to MAX_NAME_BYTES of UTF-8, on a character boundary, and ends in a hash of the whole
+    stem, so two long prompts that start alike still get different names.
+    """
     stem = case_number if case_number is not None else "_".join(prompt.split())
-    stem = re.sub(r"[/\\\x00]", "-", stem)[:200]
-    return f"{stem}_{index}.png"
+    stem = re.sub(r"[/\\\x00]", "-", stem)
+    tail = f"_{index}.png"
+    encoded = stem.encode("utf-8")
+    if len(encoded) + len(tail) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(encoded).hexdigest()[:12]
+        keep = MAX_NAME_BYTES - len(tail) - len(digest) - 1
+        stem = f"{encoded[:keep].decode('utf-8', 'ignore')}-{digest}"
+    return f"{stem}{tail}"
 
 
 def plan_jobs(rows: list[PromptRow], num_images: int, seed: int) -> list[ImageJob]:
-    if num_images < 1:
-        raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+    check_all({"num_images": num_images, "seed": seed})
+    check_job_count(len(rows), num_images)
     jobs: dict[str, ImageJob] = {}
     for row in rows:
         base = row.seed if row.seed is not None else seed
+        if base + num_images - 1 >= SEED_LIMIT:
+            raise UsageError(f"seed {base} + {num_images - 1} (the last image's) is not below 2**63",
+                             hint="use a smaller --seed (or CSV seed)")
         for i in range(num_images):
             job = ImageJob(image_filename(row.prompt, i, row.case_number), row.prompt, base + i, i, row.case_number)
             previous = jobs.get(job.file)
@@ -149,14 +163,7 @@ def plan_jobs(rows: list[PromptRow], num_images: int, seed: int) -> list[ImageJo
 
 
 def is_readable_image(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "regenerate it"
-        return False
+    return path.is_file() and image_problem(path) is None
 
 
 # generation ---------------------------------------------------------------------------------
@@ -179,10 +186,7 @@ def generate(
     is about to train when their dtypes agree.
     """
     settings = settings or GenerateSettings()
-    if settings.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {settings.batch_size})")
-    if settings.steps < 1:
-        raise UsageError(f"--steps must be at least 1 (got {settings.steps})")
+    check_all(asdict(settings))
     jobs = plan_jobs(rows, num_images, seed)
     created = not Path(output_dir).exists()
     output_dir = ensure_writable_dir(output_dir)
@@ -272,7 +276,7 @@ def _write_manifest(
             "height": settings.height, "width": settings.width, "negative_prompt": settings.negative_prompt,
             "scheduler": settings.scheduler, "model": runtime.model, "unet": settings.unet,
         }
-    write_text(path, "".join(json.dumps(entry) + "\n" for entry in lines.values()))
+    write_text(path, "".join(json_text(entry) + "\n" for entry in lines.values()))
 
 
 def read_manifest(output_dir: Path) -> list[dict]:

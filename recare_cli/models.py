@@ -20,11 +20,13 @@ from typing import Callable
 
 from recare_cli import cache
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
+from recare_cli.output import quiet_libraries
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TOKENS_FILE = "tokens.safetensors"  # an erase run's learned tokens, next to its unet.safetensors
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_UNET_PREFIX = "model.diffusion_model."  # the UNet's keys in every SD single-file checkpoint
 # What a pipeline needs from a hub repo; SD repos also hold multi-GB .ckpt files we never want.
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 
@@ -147,6 +149,8 @@ def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = Fals
             )
         if path.suffix == ".safetensors":
             _check_safetensors(path, spec)
+        else:
+            _check_ckpt(path, spec)
         return ModelRef(spec, "single-file", path)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return _resolve_hub(spec, offline)
@@ -163,14 +167,39 @@ def _check_safetensors(path: Path, spec: str) -> None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if not list(handle.keys()):
-                raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
+            keys = list(handle.keys())
+        if not keys:
+            raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
+        if not any(key.startswith(SINGLE_FILE_UNET_PREFIX) for key in keys):
+            raise RecareError(f"'{spec}' is not a Stable Diffusion checkpoint (no {SINGLE_FILE_UNET_PREFIX}* weights)",
+                              hint="erased UNet weights go to --unet; --model takes a whole pipeline")
     except RecareError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
         raise RecareError(
             f"'{spec}' is not a readable safetensors checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
         ) from None
+
+
+def _check_ckpt(path: Path, spec: str) -> None:
+    """A .ckpt must hold tensors only; anything else is a bad file (exit 1), not a missing model.
+
+    Loaded with weights_only=True (no code runs, whatever the file's pickle says) and memory-mapped,
+    so a multi-GB checkpoint costs little here. torch's own message is not shown: it suggests
+    weights_only=False, the unsafe way round.
+    """
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged archive, a bare pickle, a refused object: all unreadable
+        raise RecareError(f"'{spec}' is unreadable: not a PyTorch checkpoint of tensors ({type(exc).__name__})",
+                          hint="the file is damaged, or holds objects other than tensors (refused: loading them "
+                               "could run code)") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not any(str(key).startswith(SINGLE_FILE_UNET_PREFIX) for key in state):
+        raise RecareError(f"'{spec}' is not a Stable Diffusion checkpoint (no {SINGLE_FILE_UNET_PREFIX}* weights)",
+                          hint="erased UNet weights go to --unet; --model takes a whole pipeline")
 
 
 def _resolve_hub(repo_id: str, offline: bool) -> ModelRef:
@@ -429,21 +458,6 @@ class Runtime:
         set_scheduler(pipe, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device), ref, unet_path
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers print their own bars and notices; recare owns the terminal."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    # diffusers >= 0.36 renamed torch_dtype to dtype; older releases only know torch_dtype.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def library_versions() -> dict:

@@ -8,8 +8,10 @@ prints no results (the files are the result), only warnings on stderr.
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -79,7 +81,9 @@ class Reporter:
                     self.console.print(f"{key}: {value}", highlight=False)
 
     def _json_line(self, data: dict) -> None:
-        self._stdout.write(json.dumps(data, default=str) + "\n")
+        from recare_cli.fsutil import json_text
+
+        self._stdout.write(json_text(data, undefined_as_null=True) + "\n")
         self._stdout.flush()
 
     # progress -------------------------------------------------------------------------------
@@ -134,3 +138,49 @@ def _new_progress(console: Console):
 
 
 QUIET_REPORTER = Reporter(QUIET)
+
+
+# library noise ----------------------------------------------------------------------------------
+
+# Read when each library is first imported, so setting them at command start silences it for good.
+LIBRARY_ENV = {
+    # Their errors too (diffusers logs "An error occurred while trying to fetch …" and then raises):
+    # what fails reaches the user as recare's one Error line.
+    "DIFFUSERS_VERBOSITY": "critical",
+    "TRANSFORMERS_VERBOSITY": "critical",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Writing model shards"
+    "TQDM_DISABLE": "1",  # every other tqdm bar, e.g. diffusers' "Loading pipeline components"
+}
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "torch", "PIL", "open_clip",
+                   "urllib3", "filelock")
+_LIBRARIES = {"verbose": False}
+
+
+def quiet_libraries(verbose: bool | None = None) -> None:
+    """Only recare's own lines and progress bars reach the terminal, unless --verbose.
+
+    The one place that silences the libraries: their loggers, their tqdm bars and their Python
+    warnings (torch's pickle UserWarning, PIL's DecompressionBombWarning, FutureWarnings).
+    Commands call it at start with their --verbose; model loading calls it again without, keeping
+    the command's choice.
+    """
+    if verbose is not None:
+        _LIBRARIES["verbose"] = verbose
+    if _LIBRARIES["verbose"]:
+        return
+    for name, value in LIBRARY_ENV.items():
+        os.environ.setdefault(name, value)
+    # recare's own warnings go through Reporter.warn, so every Python warning is a library's.
+    warnings.filterwarnings("ignore")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Already imported (a long-lived process, the tests): set what the environment would have.
+    for name in ("diffusers", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "utils"):
+            module.utils.logging.set_verbosity(logging.CRITICAL)
+            module.utils.logging.disable_progress_bar()
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        hub.utils.disable_progress_bars()

@@ -112,7 +112,9 @@ class Registry:
 
         try:
             ep.load()(register)
-        except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the CLI
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one broken plugin (even one calling sys.exit) must not break the CLI
             # Collapsed to one line: the warning (or error) must stay a single line.
             info.error = " ".join(f"{type(exc).__name__}: {exc}".split())
             if strict:
@@ -143,7 +145,7 @@ def _lookup(table: dict, name: str, what: str, flag: str):
     return table[name]
 
 
-def _third_party(warn) -> list[tuple[EntryPoint, str, str | None]]:
+def _third_party(warn, strict: bool) -> list[tuple[EntryPoint, str, str | None]]:
     found = []
     for group in GROUPS:
         for ep in entry_points(group=group):
@@ -154,6 +156,9 @@ def _third_party(warn) -> list[tuple[EntryPoint, str, str | None]]:
         wanted = {name.strip() for name in only.split(",") if name.strip()}
         missing = wanted - {ep.name for ep, _, _ in found} - {source for _, source, _ in found}
         if missing:
+            if strict:
+                raise UsageError(f"RECARE_LOAD_PLUGINS names {', '.join(sorted(missing))}, which no installed package "
+                                 "provides", hint="install it, or fix RECARE_LOAD_PLUGINS (RECARE_STRICT_PLUGINS=1 is on)")
             warn(f"RECARE_LOAD_PLUGINS names {', '.join(sorted(missing))}, which no installed package provides")
         found = [item for item in found if item[0].name in wanted or item[1] in wanted]
     return found
@@ -173,6 +178,6 @@ def registry() -> Registry:
     reg = Registry()
     for ep in DEFAULT_PLUGINS:
         reg.load(ep, "builtin", __version__, strict=True, warn=_stderr_warning)
-    for ep, source, version in _third_party(_stderr_warning):
+    for ep, source, version in _third_party(_stderr_warning, strict):
         reg.load(ep, source, version, strict=strict, warn=_stderr_warning)
     return reg

@@ -276,7 +276,7 @@ def test_cli_style_concept_gets_painting_prompts_and_a_table(run_cli, images, vo
 @pytest.mark.parametrize("change, message, code", [
     ({"--images": "missing"}, "does not exist", 2),
     ({"--images": "empty"}, "holds no images", 2),
-    ({"--images": "unreadable"}, "none of the 2 images", 1),
+    ({"--images": "unreadable"}, "none of the 2 images", 2),
     ({"--concept": "  "}, "--concept is empty", 2),
     ({"--concept": "!!"}, "no letter or digit", 2),
     ({"--n-clusters": "0"}, "--n-clusters must be at least 1", 2),

@@ -231,9 +231,10 @@ def test_cache_clear_one_entry_a_section_and_everything(filled_cache, run_cli):
     assert not any((filled_cache / "models").iterdir())
 
 
-def test_cache_clear_asks_first(filled_cache, run_cli):
-    result = run_cli("cache", "clear", "--cache-dir", filled_cache, input="n\n")
-    assert result.exit_code == 1
+def test_cache_clear_without_a_terminal_needs_yes(filled_cache, run_cli):
+    # CliRunner's stdin is no terminal; answering on one is tested with a pty in test_bad_inputs.py.
+    result = run_cli("cache", "clear", "--cache-dir", filled_cache, input="y\n")
+    assert result.exit_code == 2 and "pass --yes" in result.stderr
     assert (filled_cache / "models" / "some-model").is_dir()
 
 

@@ -88,7 +88,7 @@ def test_nudity_hands_nudenet_bgr_and_reports_asr(tmp_path, run_cli):
 
 @pytest.mark.parametrize("flags, message", [
     (["--classes", "NAKED"], "unknown NudeNet class(es) NAKED"),
-    (["--threshold", "1.5"], "--threshold must be between 0 and 1"),
+    (["--threshold", "1.5"], "--threshold must be at least 0 and at most 1"),
 ])
 def test_nudity_bad_options(tmp_path, run_cli, flags, message):
     result = run_cli("eval", *TINY, "-m", "nudity", "--images", noise_folder(tmp_path / "imgs", 1),

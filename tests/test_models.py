@@ -74,7 +74,7 @@ def test_readable_safetensors_is_a_single_file_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "model.safetensors"
-    save_file({"w": torch.zeros(1)}, str(path))
+    save_file({"model.diffusion_model.w": torch.zeros(1)}, str(path))
     assert models.resolve_model(str(path)).kind == "single-file"
 
 

@@ -24,9 +24,10 @@ from recare_cli.cli import generate as generate_cmd
 from recare_cli.cli import plugins as plugins_cmd
 from recare_cli.cli import toy as toy_cmd
 from recare_cli.cli.common import VERBOSE
-from recare_cli.errors import EXIT_ERROR, EXIT_USAGE, INTERRUPTED, Interrupted, RecareError
+from recare_cli.errors import (
+    EXIT_ERROR, EXIT_USAGE, INTERRUPT_MESSAGE, INTERRUPTED, Interrupted, RecareError, is_interrupt,
+)
 
-INTERRUPT_MESSAGE = "interrupted; finished work is kept and a rerun continues from it"
 COMPLETE_VAR = "_RECARE_COMPLETE"
 
 
@@ -47,6 +48,13 @@ class RecareGroup(TyperGroup):
             completion_init()
         super()._main_shell_completion(ctx_args, prog_name, complete_var)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        # click turns a Ctrl-C during parsing into Abort after printing a blank line; report it as one.
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            raise Interrupted(INTERRUPT_MESSAGE) from None
+
     def invoke(self, ctx):
         # Typer would turn Ctrl-C into a silent exit code; make it an error the handler below explains.
         try:
@@ -55,6 +63,7 @@ class RecareGroup(TyperGroup):
             raise Interrupted(INTERRUPT_MESSAGE) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        VERBOSE["on"] = False  # set by the command's --verbose; in-process runs must not inherit it
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.Exit as exc:
@@ -67,25 +76,30 @@ class RecareGroup(TyperGroup):
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
             _error_line(exc.format_message() + where)
             code = EXIT_USAGE
-        except typer.Abort:
-            _error_line("interrupted")
-            code = INTERRUPTED
+        except typer.Abort as exc:  # a prompt that got Ctrl-C or the end of its input
+            interrupted = is_interrupt(exc)
+            _error_line(INTERRUPT_MESSAGE if interrupted else "no answer to a question (its input ended)",
+                        None if interrupted else "pass --yes to answer yes without asking")
+            code = INTERRUPTED if interrupted else EXIT_USAGE
         except click_exceptions.ClickException as exc:  # e.g. a file argument that cannot be opened
             _error_line(exc.format_message())
             code = exc.exit_code
         except KeyboardInterrupt:
             _error_line(INTERRUPT_MESSAGE)
             code = INTERRUPTED
-        except RecareError as exc:
-            if VERBOSE["on"]:
-                traceback.print_exc()
-            _error_line(exc.message, exc.hint)
-            code = exc.exit_code
         except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
             if VERBOSE["on"]:
                 traceback.print_exc()
-            _error_line(f"unexpected {type(exc).__name__}: {exc}", "rerun with --verbose for the traceback")
-            code = EXIT_ERROR
+            if is_interrupt(exc):  # Ctrl-C that a library wrapped in its own error
+                _error_line(INTERRUPT_MESSAGE)
+                code = INTERRUPTED
+            elif isinstance(exc, RecareError):
+                _error_line(exc.message, exc.hint)
+                code = exc.exit_code
+            else:
+                _error_line(f"unexpected {type(exc).__name__}: {exc}",
+                            None if VERBOSE["on"] else "rerun with --verbose for the traceback")
+                code = EXIT_ERROR
         else:
             code = result if isinstance(result, int) else 0
         if standalone_mode:
@@ -124,7 +138,8 @@ def _root(
 ) -> None:
     """Erase a concept from a text-to-image diffusion model, keeping what co-occurs with it (ReCARE).
 
-    Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (offline, not cached), 130 interrupted.
+    Exit codes: 0 ok, 1 error, 2 usage, 3 model not available (offline, not cached), 130 interrupted (Ctrl-C,
+    whenever it lands). A bad input gets a one-line message; see docs/inputs.md.
     """
     from recare_cli.config import default_map, load_config
 
@@ -137,7 +152,3 @@ for _name, _func in COMMANDS.items():
 app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(plugins_cmd.app, name="plugins")
 app.add_typer(toy_cmd.app, name="toy")
-
-
-def main() -> None:
-    app(prog_name="recare")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,13 +60,26 @@ def clear(
     cache_dir: CacheDirOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Delete cache entries (everything, one section, or one entry)."""
+    """Delete cache entries (everything, one section, or one entry).
+
+    Asks first, on stderr; declining deletes nothing and exits 1. Without a terminal to ask on
+    (a script, a pipe) it refuses with exit 2 unless --yes is given.
+    """
     from recare_cli.cache import cache_root, clear as clear_entries
+    from recare_cli.errors import RecareError, UsageError
 
     root = cache_root(cache_dir)
     what = name or (f"section '{section}'" if section else "everything")
-    if not yes and not typer.confirm(f"Delete {what} from {root}?"):
-        raise typer.Exit(1)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"not deleting {what} from {root}: there is no terminal to confirm on",
+                             hint="pass --yes to delete without asking")
+        # The question goes to stderr: stdout carries only results (and JSON with --json). Not
+        # typer.confirm: click's prompt writes a stray space to stdout even with err=True.
+        sys.stderr.write(f"Delete {what} from {root}? [y/N]: ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise RecareError(f"not confirmed: nothing was deleted from {root}")
     removed = clear_entries(root, section, name)
     Reporter(JSON if json_output else HUMAN).result(
         {"removed": [f"{e.section}/{e.name}" for e in removed],

@@ -20,7 +20,8 @@ class PromptStyle(str, Enum):
 def careset(
     common: Common,
     concept: Annotated[str, typer.Option(help="The reference word of the concept, e.g. nudity or 'Van Gogh'.")],
-    images: Annotated[Path, typer.Option(help="Folder of images that contain the concept (png/jpg/jpeg).")],
+    images: Annotated[Path, typer.Option(help="Folder of images that contain the concept (png/jpg/jpeg)."
+                                      " Unreadable, truncated or oversized (decompression-bomb) images are skipped with a warning, before any work starts.")],
     output_dir: Annotated[Path, typer.Option(help="Where careset.json and careset.report.json go.")],
     prompt_style: Annotated[Optional[PromptStyle], typer.Option(
         help="Retain prompts 'A photo of w' (photo) or 'A painting of w' (style). "

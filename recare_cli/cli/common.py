@@ -12,8 +12,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from recare_cli.cache import check_cache_dir
 from recare_cli.models import DEFAULT_MODEL
-from recare_cli.output import HUMAN, JSON, QUIET, Reporter
+from recare_cli.numbers import check_all
+from recare_cli.output import HUMAN, JSON, QUIET, Reporter, quiet_libraries
 
 COMMON_PANEL = "Common options"
 
@@ -101,6 +103,9 @@ def with_common(func=None, *, default_model: str | None = None):
                 cache_dir=kwargs.pop("cache_dir"),
             )
             VERBOSE["on"] = common.verbose
+            quiet_libraries(common.verbose)
+            check_all(kwargs)  # typed, environment and config.toml values alike, before anything loads
+            check_cache_dir(common.cache_dir)
             if common.offline:
                 # Read by huggingface_hub when it is first imported, which happens after this.
                 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -67,7 +67,8 @@ def erase(
     apg_momentum: Annotated[float, typer.Option(help="APG: momentum of the guidance direction (0 = off).",
                                                 rich_help_panel=STAGE2)] = 0.0,
     images: Annotated[Optional[Path], typer.Option(
-        help="Training images of the concept (default: generate --num-images into the run directory).",
+        help="Training images of the concept (default: generate --num-images into the run directory)."
+             " Unreadable, truncated or oversized (decompression-bomb) images are skipped with a warning, before any work starts.",
         rich_help_panel=INPUTS)] = None,
     careset: Annotated[Optional[Path], typer.Option(
         help="CARE set JSON (default: built from the images with `recare careset`'s method).", rich_help_panel=INPUTS)] = None,

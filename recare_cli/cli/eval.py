@@ -37,7 +37,9 @@ def evaluate(
         help="Erased UNet weights: .pt, .safetensors, a UNet folder, a run directory or a cache name "
              "(default: evaluate --model as it is).")] = None,
     images: Annotated[Optional[Path], typer.Option(
-        help="Measure this folder's images instead of generating them (its manifest.jsonl gives the prompts).")] = None,
+        help="Measure this folder's images instead of generating them (its manifest.jsonl gives the prompts; "
+             "images it does not list take the one --prompt given)."
+             "Unreadable, truncated or oversized (decompression-bomb) images are skipped with a warning, before any work starts.")] = None,
     output_dir: Annotated[Path, typer.Option(
         help="Where results.csv, results.json and the generated images (images/<model>/) go.")] = ...,
     compare: Annotated[Optional[str], typer.Option(
@@ -48,13 +50,13 @@ def evaluate(
     prompts_file: Annotated[Optional[Path], _generation(
         "Text file (one prompt a line) or CSV with prompt and optional evaluation_seed/seed, case_number "
         "columns (COCO-30k, I2P).")] = None,
-    num_images: Annotated[int, _generation("Images per prompt.", min=1)] = 1,
+    num_images: Annotated[int, _generation("Images per prompt.")] = 1,
     seed: Annotated[int, _generation("Image i of a prompt uses seed + i (a CSV seed column wins).")] = 42,
-    steps: Annotated[int, _generation("Denoising steps.", min=1)] = 50,
+    steps: Annotated[int, _generation("Denoising steps.")] = 50,
     guidance: Annotated[float, _generation("Classifier-free guidance scale.")] = 7.5,
     height: Annotated[Optional[int], _generation("Image height (default: the model's).")] = None,
     width: Annotated[Optional[int], _generation("Image width (default: the model's).")] = None,
-    batch_size: Annotated[int, _generation("Images per pipeline call (never changes an image).", min=1)] = 1,
+    batch_size: Annotated[int, _generation("Images per pipeline call (never changes an image).")] = 1,
     targets: Annotated[Optional[list[str]], _metric(
         "care: labels to score (repeatable or comma-separated), among the 82 CARE labels.", "--targets")] = None,
     labels_file: Annotated[Optional[Path], _metric("care: extra labels, one a line, added to the 82.")] = None,
@@ -66,8 +68,7 @@ def evaluate(
     classifier_weights: Annotated[Optional[Path], _metric(
         "object: ResNet weights file (resnet50-11ad3fa6.pth); style: image-classification folder.")] = None,
     zero_shot: Annotated[bool, _metric("object: classify with CLIP over the ImageNet class names instead.")] = False,
-    top_k: Annotated[Optional[int], _metric("object/style: a hit is the target in the top k (default: object 5, style 3).",
-                                            min=1)] = None,
+    top_k: Annotated[Optional[int], _metric("object/style: a hit is the target in the top k (default: object 5, style 3).")] = None,
     reference_dir: Annotated[Optional[Path], _metric("fid: folder of reference images (e.g. COCO-30k).")] = None,
     inception_weights: Annotated[Optional[Path], _metric("fid: Inception v3 weights (inception_v3_google-0cc3c7bd.pth).")] = None,
     clip_model: Annotated[Optional[str], _metric(

@@ -17,8 +17,7 @@ def train(
     work_dir: Annotated[Path, typer.Option(
         help="Dataset and finished stages; a rerun continues from them.")] = Path("toy-model-work"),
     fraction: Annotated[float, typer.Option(
-        help="Scale every step count and the dataset (1 = the shipped recipe; 0.001 for a smoke test).",
-        min=0.0001, max=1.0)] = 1.0,
+        help="Scale every step count and the dataset, in [0.0001, 1] (1 = the shipped recipe; 0.001 for a smoke test).")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing toy model in --output.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
 ) -> None:
@@ -28,10 +27,13 @@ def train(
     """
     from recare_cli.errors import UsageError
     from recare_cli.fsutil import ensure_writable_dir
-    from recare_cli.output import HUMAN, JSON, Reporter
+    from recare_cli.numbers import check
+    from recare_cli.output import HUMAN, JSON, Reporter, quiet_libraries
     from recare_cli.toy.package import TOY_JSON
     from recare_cli.toy.train import train_toy_world
 
+    check("fraction", fraction)
+    quiet_libraries()
     if (output / TOY_JSON).exists() and not overwrite:
         raise UsageError(f"'{output}' already holds a toy model", hint="pass --overwrite or another --output")
     ensure_writable_dir(output, "--output")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recare_cli.errors import RecareError
-from recare_cli.fsutil import atomic_path, write_text
+from recare_cli.fsutil import atomic_path, json_text, write_text
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 CHECKPOINT = "checkpoint.pt"
@@ -119,7 +119,7 @@ class StageLoop:
                 hint="lower the learning rate (or use --dtype fp32) and rerun",
             )
         with open(self.run_dir / LOSS_LOG, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+            log.write(json_text({"stage": self.stage, "step": step, **values}, undefined_as_null=True) + "\n")
         if self.task is not None:
             self.task.advance(1, loss=values["loss"])
         done = step + 1

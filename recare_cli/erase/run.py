@@ -28,6 +28,7 @@ from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
 from recare_cli.fsutil import read_safetensors as _load_tensors
 from recare_cli.fsutil import write_safetensors as _save_tensors
 from recare_cli.models import TOKENS_FILE, Runtime
+from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
@@ -111,26 +112,10 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
                          hint="give it once (for every --concept) or once per --concept, in the same order")
     if any(not prompt.strip() for prompt in request.erase_from):
         raise UsageError("--erase-from is empty", hint="name the prompt to erase the concept from, e.g. painting")
-    positive = {"--iterations": request.iterations, "--num-images": request.num_images,
-                "--checkpoint-every": request.checkpoint_every, "--care-top-k": request.care_top_k,
-                "--care-top-n": request.care_top_n}
-    if request.method == "recare":
-        positive |= {"--ti-steps": request.ti_steps}
-        if request.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1 with --method recare (got {request.rounds})",
-                             hint="each round erases and then learns one adversarial token; use --method esd for none")
-        if request.num_adv_concepts < 0:
-            raise UsageError(f"--num-adv-concepts must be 0 or more (got {request.num_adv_concepts})")
-    for flag, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1 (got {value})", hint=f"leave out {flag} for its default")
-    if not 1 <= request.prefix_steps <= NSTEPS:
-        raise UsageError(f"--prefix-steps must be between 1 and {NSTEPS} (got {request.prefix_steps})")
-    if request.resolution < 8 or request.resolution % 8:
-        raise UsageError(f"--resolution must be a positive multiple of 8 (got {request.resolution})")
-    for flag, lr in (("--stage1-lr", request.stage1_lr), ("--stage2-lr", request.stage2_lr), ("--ti-lr", request.ti_lr)):
-        if lr <= 0:
-            raise UsageError(f"{flag} must be positive (got {lr})")
+    check_all({f.name: getattr(request, f.name) for f in fields(request)})
+    if request.method == "recare" and request.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1 with --method recare (got {request.rounds})",
+                         hint="each round erases and then learns one adversarial token; use --method esd for none")
     plans = [plan_concept(c, request.concept_type, request.initializer_token) for c in dict.fromkeys(request.concepts)]
     if len({p.concept_type for p in plans}) > 1:
         listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)

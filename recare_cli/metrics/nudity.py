@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from recare_cli.errors import UsageError
 from recare_cli.evaluate import EvalContext, Row, open_rgb
+from recare_cli.numbers import check
 
 EXPOSED_CLASSES = (
     "BUTTOCKS_EXPOSED",
@@ -54,9 +55,7 @@ def image_scores(detector, image, classes: list[str]) -> dict[str, float]:
 def run(ctx: EvalContext) -> list[Row]:
     from nudenet import NudeDetector
 
-    threshold = float(ctx.option("threshold", DEFAULT_THRESHOLD))
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be between 0 and 1 (got {threshold})")
+    threshold = check("threshold", float(ctx.option("threshold", DEFAULT_THRESHOLD)))
     classes = chosen_classes(ctx.option("classes"))
     detector = ctx.shared("nudenet", NudeDetector)
     images = ctx.images()

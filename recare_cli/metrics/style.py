@@ -22,7 +22,7 @@ def load_classifier(path: Path):
     """(model, image processor) from an image-classification folder, or a one-line error."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
 
-    from recare_cli.models import quiet_libraries
+    from recare_cli.output import quiet_libraries
 
     quiet_libraries()
     if not path.is_dir() or not (path / "config.json").is_file():
