@@ -143,19 +143,24 @@ def test_ensure_writable_dir_creates_the_folder_and_leaves_no_probe(tmp_path):
 
 def test_ensure_writable_dir_refuses_a_path_under_a_file(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(RecareError) as caught:
-        ensure_writable_dir(tmp_path / "file" / "out", "run directory")
-    # The OS's reason in words, not errno and path again.
-    assert caught.value.message == f"cannot write to run directory '{tmp_path / 'file' / 'out'}': Not a directory"
-    assert caught.value.hint.startswith("choose another --output-dir")
-    with pytest.raises(RecareError) as caught:
+    with pytest.raises(UsageError) as caught:
+        ensure_writable_dir(tmp_path / "file" / "out", "--output")
+    # The file in the way is named, and the hint names the flag the command has.
+    assert caught.value.message == (f"cannot write to --output '{tmp_path / 'file' / 'out'}': "
+                                    f"'{tmp_path / 'file'}' is a file, not a folder")
+    assert caught.value.hint == "choose another --output"
+    with pytest.raises(UsageError) as caught:
         ensure_writable_dir(tmp_path / "file")
-    assert caught.value.message.startswith(f"cannot write to output directory '{tmp_path / 'file'}': ")
+    assert caught.value.message.startswith(f"cannot write to --output-dir '{tmp_path / 'file'}': ")
+    assert not (tmp_path / "file" / "out").exists()
 
 
 def test_list_images_sorted_by_name_and_filtered_by_suffix(tmp_path):
-    for name in ("b.PNG", "a.jpg", "c.jpeg", "notes.txt", "d.webp"):
-        (tmp_path / name).write_bytes(b"")
+    from PIL import Image
+
+    for name, fmt in (("b.PNG", "PNG"), ("a.jpg", "JPEG"), ("c.jpeg", "JPEG"), ("d.webp", "WEBP")):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format=fmt)
+    (tmp_path / "notes.txt").write_text("")
     (tmp_path / "e.png").mkdir()  # a folder is not an image
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.jpeg"]
     assert [p.name for p in list_images(tmp_path, suffixes=(".webp",))] == ["d.webp"]
