@@ -471,7 +471,8 @@ def test_a_careset_for_another_concept_is_warned_about(run_cli, tmp_path, images
 def test_recipe_duplicates_are_refused_before_anything_runs(run_cli, tmp_path, images, monkeypatch, tables, fragment):
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(f'model = "tiny-random"\nmethod = "esd"\nimages = "{images}"\n\n{tables}')
+    recipe.write_text(f'model = "tiny-random"\nmethod = "esd"\nresolution = 64\niterations = 1\nprefix_steps = 1\n'
+                      f'device = "cpu"\nimages = "{images}"\n\n{tables}')
     result = run_cli("erase", "--recipe", recipe)
     line = one_error_line(result.stderr)
     assert result.exit_code == 2 and fragment in line, result.stderr
