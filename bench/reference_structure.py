@@ -162,7 +162,7 @@ def erase_round(m, clock: Clock, concept: str, iterations: int, workdir: Path, r
     unet.requires_grad_(False)
     path = workdir / f"erased_unet_iteration_{r}.pt"
     torch.save(unet.state_dict(), path)
-    unet.load_state_dict(torch.load(path))
+    unet.load_state_dict(torch.load(path, weights_only=True))
 
 
 def inversion_round(m, clock: Clock, images: list[Path], steps: int, token: str, workdir: Path, r: int):
@@ -291,7 +291,7 @@ def replay(cache_dir: Path | None = None) -> tuple[float, Clock]:
         for current in (m, stage1):
             current["tokenizer"].add_tokens(tokens)
             current["text_encoder"].resize_token_embeddings(len(current["tokenizer"]))
-        checkpoint = torch.load(workdir / "recare_stage1.pt")
+        checkpoint = torch.load(workdir / "recare_stage1.pt", weights_only=True)
         for name in ("unet", "vae", "text_encoder"):
             stage1[name].load_state_dict(checkpoint[name])
         # Only the text encoder (the learned tokens) carries over: stage 2 starts from the original UNet.

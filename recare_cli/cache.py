@@ -4,19 +4,28 @@ Layout under the cache root (platformdirs user cache dir, RECARE_CACHE_DIR or --
     models/<name>/          built-in pipelines written once (diffusers layout)
     clip/<key>/             built-in CLIP weights and vocabulary embeddings
     erased/<name>/          erased models registered by `recare erase`
+    .locks/                 one lock file per entry being written
+
+Several processes may share the cache (two shell jobs, `accelerate launch`): every entry is
+written beside its place and renamed into it, under that entry's cross-process lock, and a
+built entry is used only when its stamp's file digests match what is on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from recare_cli.errors import UsageError
 
 SECTIONS = ("models", "clip", "erased")
+STAMP = "recare-builtin.json"  # written last into a built entry: what it was built from, and its files' digests
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -85,6 +94,53 @@ def clear(root: Path, section: str | None = None, name: str | None = None) -> li
     return removed
 
 
+@contextmanager
+def locked(root: Path, section: str, name: str) -> Iterator[None]:
+    """Hold the cross-process lock of the entry `section/name` (others wait for it)."""
+    from filelock import FileLock
+
+    locks = Path(root) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{section}-{name}.lock")):
+        yield
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAMP):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return digests
+
+
+def entry_complete(folder: Path, source_digest: str) -> bool:
+    """Whether a built entry is whole: its stamp names `source_digest` and every file's digest matches."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        return stamp.get("config_sha256") == source_digest and stamp.get("files") == _file_digests(folder)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def built_entry(root: Path, section: str, name: str, source_digest: str, build: Callable[[Path], None]) -> Path:
+    """The cache folder `section/name`, built from `source_digest`'s sources (once, by one process) when not whole."""
+    from recare_cli.fsutil import atomic_dir, write_json
+
+    folder = Path(root) / section / name
+    if entry_complete(folder, source_digest):
+        return folder
+    with locked(root, section, name):
+        if entry_complete(folder, source_digest):  # built by another process while this one waited
+            return folder
+        with atomic_dir(folder) as tmp:
+            build(tmp)
+            write_json(tmp / STAMP, {"name": name, "config_sha256": source_digest, "files": _file_digests(tmp)})
+    return folder
+
+
 def erased_dir(root: Path, name: str) -> Path:
     return root / "erased" / name
 
@@ -94,8 +150,9 @@ def register_erased(root: Path, name: str, run_dir: Path, info: dict) -> Path:
     from recare_cli.fsutil import write_json
 
     target = erased_dir(root, name)
-    target.mkdir(parents=True, exist_ok=True)
-    write_json(target / "entry.json", {"name": name, "run_dir": str(Path(run_dir).resolve()), **info})
+    with locked(root, "erased", name):
+        target.mkdir(parents=True, exist_ok=True)
+        write_json(target / "entry.json", {"name": name, "run_dir": str(Path(run_dir).resolve()), **info})
     return target
 
 

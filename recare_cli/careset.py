@@ -19,11 +19,13 @@ from pathlib import Path
 from recare_cli.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import list_images, scan_images
+from recare_cli.manifest import Writer, claim
 from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 CARESET_FILE = "careset.json"
 REPORT_FILE = "careset.report.json"
+CARESET = Writer("careset")
 PROMPT_STYLES = ("photo", "style")
 RETAIN_MARKERS = ("photo", "painting")
 WORD_END = "</w>"
@@ -397,61 +399,63 @@ def build_careset(
     """
     from recare_cli.clip import load_clip, vocab_embeddings
     from recare_cli.clipvocab import vocab
-    from recare_cli.fsutil import ensure_writable_dir, write_json
+    from recare_cli.fsutil import ensure_writable_dir, removing_new_dirs, write_json
 
     _check_params(concept, prompt_style, top_k_per_image, top_n_tokens, n_clusters, k_each_side,
                   min_cluster_size, alpha)
     paths = list_images(Path(images_dir), warn=reporter.warn)
     output_dir = Path(output_dir)
     careset_path, report_path = output_dir / CARESET_FILE, output_dir / REPORT_FILE
+    claim(output_dir, CARESET)
     if careset_path.exists() and not overwrite:
         raise RecareError(f"'{careset_path}' already exists", hint="pass --overwrite or another --output-dir")
-    ensure_writable_dir(output_dir)
+    with removing_new_dirs(output_dir):  # a failed first run leaves no empty folder
+        ensure_writable_dir(output_dir)
 
-    clip = clip or load_clip(clip_model, clip_pretrained, cache_dir=cache_dir, offline=offline, device=device)
-    vocabulary = vocab()
-    candidates = (_read_vocab_file(vocab_file, vocabulary, reporter) if vocab_file is not None
-                  else list(range(len(vocabulary))))
-    candidate_tokens = [vocabulary[i] for i in candidates]
-    reporter.info(f"CLIP {clip.key}; {len(paths)} images; {len(candidate_tokens)} candidate tokens")
-    vocab_matrix = vocab_embeddings(clip, candidate_tokens, cache_dir=cache_dir, reporter=reporter)
+        clip = clip or load_clip(clip_model, clip_pretrained, cache_dir=cache_dir, offline=offline, device=device)
+        vocabulary = vocab()
+        candidates = (_read_vocab_file(vocab_file, vocabulary, reporter) if vocab_file is not None
+                      else list(range(len(vocabulary))))
+        candidate_tokens = [vocabulary[i] for i in candidates]
+        reporter.info(f"CLIP {clip.key}; {len(paths)} images; {len(candidate_tokens)} candidate tokens")
+        vocab_matrix = vocab_embeddings(clip, candidate_tokens, cache_dir=cache_dir, reporter=reporter)
 
-    image_embeddings, used, skipped = embed_images(clip, paths, reporter)
-    if skipped:  # changed since list_images checked them
-        reporter.warn(f"skipped {len(skipped)} of {len(paths)} images that could not be read "
-                      f"(e.g. {skipped[0].name})")
-    skipped = [path for path, _ in scan_images(Path(images_dir)).skipped] + skipped
-    if not used:
-        raise RecareError(f"none of the {len(paths)} images in '{images_dir}' could be read",
-                          hint="are they valid png/jpg files?")
-    chosen, counts = frequent_tokens(image_embeddings, vocab_matrix, top_k_per_image, top_n_tokens)
-    tokens = [candidate_tokens[i] for i in chosen]
-    if len(tokens) < 2:
-        raise RecareError(f"only {len(tokens)} distinct token(s) ranked in the images' top {top_k_per_image}",
-                          hint="use more images or a longer --vocab list")
-    if n_clusters > len(tokens):
-        reporter.warn(f"only {len(tokens)} tokens for {n_clusters} clusters: using {len(tokens)} clusters")
-        n_clusters = len(tokens)
+        image_embeddings, used, skipped = embed_images(clip, paths, reporter)
+        if skipped:  # changed since list_images checked them
+            reporter.warn(f"skipped {len(skipped)} of {len(paths)} images that could not be read "
+                          f"(e.g. {skipped[0].name})")
+        skipped = [path for path, _ in scan_images(Path(images_dir)).skipped] + skipped
+        if not used:
+            raise RecareError(f"none of the {len(paths)} images in '{images_dir}' could be read",
+                              hint="are they valid png/jpg files?")
+        chosen, counts = frequent_tokens(image_embeddings, vocab_matrix, top_k_per_image, top_n_tokens)
+        tokens = [candidate_tokens[i] for i in chosen]
+        if len(tokens) < 2:
+            raise RecareError(f"only {len(tokens)} distinct token(s) ranked in the images' top {top_k_per_image}",
+                              hint="use more images or a longer --vocab list")
+        if n_clusters > len(tokens):
+            reporter.warn(f"only {len(tokens)} tokens for {n_clusters} clusters: using {len(tokens)} clusters")
+            n_clusters = len(tokens)
 
-    token_matrix = clip.encode_text(tokens).numpy()
-    concept_embedding = clip.encode_text([concept]).numpy()[0]
-    params = SelectionParams(n_clusters, k_each_side, min_cluster_size, alpha, seed)
-    selection = select_tokens(token_matrix, concept_embedding, params)
+        token_matrix = clip.encode_text(tokens).numpy()
+        concept_embedding = clip.encode_text([concept]).numpy()[0]
+        params = SelectionParams(n_clusters, k_each_side, min_cluster_size, alpha, seed)
+        selection = select_tokens(token_matrix, concept_embedding, params)
 
-    # A token and its word-start twin ("cat</w>", "cat") give one word: list it once.
-    words = list(dict.fromkeys(strip_word_end(tokens[i]) for i in selection.kept))
-    careset = careset_json(concept, words, prompt_style)
-    anchor, retain = careset.values()
-    report = {
-        "concept": concept, "key": careset_key(concept), "prompt_style": prompt_style,
-        "clip": {"model": clip.name, "pretrained": clip.pretrained, "key": clip.key},
-        "images": {"folder": str(images_dir), "used": len(used), "skipped": [p.name for p in skipped]},
-        "params": {"top_k_per_image": top_k_per_image, "top_n_tokens": top_n_tokens, "n_clusters": n_clusters,
-                   "k_each_side": k_each_side, "min_cluster_size": min_cluster_size, "alpha": alpha, "seed": seed,
-                   "vocab_file": str(vocab_file) if vocab_file else None, "candidates": len(candidate_tokens)},
-        **selection_report(tokens, counts, selection),
-        "words": words,
-    }
-    write_json(report_path, report)
-    write_json(careset_path, careset)  # last: a careset.json on disk is always a finished one
-    return CaresetResult(careset_path, report_path, list(anchor), list(retain), report)
+        # A token and its word-start twin ("cat</w>", "cat") give one word: list it once.
+        words = list(dict.fromkeys(strip_word_end(tokens[i]) for i in selection.kept))
+        careset = careset_json(concept, words, prompt_style)
+        anchor, retain = careset.values()
+        report = {
+            "concept": concept, "key": careset_key(concept), "prompt_style": prompt_style,
+            "clip": {"model": clip.name, "pretrained": clip.pretrained, "key": clip.key},
+            "images": {"folder": str(images_dir), "used": len(used), "skipped": [p.name for p in skipped]},
+            "params": {"top_k_per_image": top_k_per_image, "top_n_tokens": top_n_tokens, "n_clusters": n_clusters,
+                       "k_each_side": k_each_side, "min_cluster_size": min_cluster_size, "alpha": alpha, "seed": seed,
+                       "vocab_file": str(vocab_file) if vocab_file else None, "candidates": len(candidate_tokens)},
+            **selection_report(tokens, counts, selection),
+            "words": words,
+        }
+        write_json(report_path, CARESET.stamp(report))
+        write_json(careset_path, careset)  # last: a careset.json on disk is always a finished one
+        return CaresetResult(careset_path, report_path, list(anchor), list(retain), report)

@@ -361,24 +361,34 @@ def builtin_clip_path(name: str, cache_dir=None) -> tuple[Path, str]:
     """A built-in CLIP's open_clip folder in recare's cache (built on first use), and its digest."""
     from safetensors.torch import save_file
 
-    from recare_cli.fsutil import atomic_dir, write_json
+    from recare_cli.fsutil import write_json
 
     files, digest_of = BUILTIN_CLIPS[name]
     digest = digest_of()
-    folder = cache.cache_root(cache_dir) / "clip" / name
-    stamp = folder / "recare-builtin.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest \
-            and (folder / BUILTIN_WEIGHTS).is_file():
-        return folder, digest
-    with atomic_dir(folder) as tmp:
+
+    def build(folder: Path) -> None:
         clip_config, state = files()
-        write_json(tmp / OPEN_CLIP_CONFIG, clip_config)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / BUILTIN_WEIGHTS))
-        write_json(tmp / "recare-builtin.json", {"name": name, "config_sha256": digest})
-    return folder, digest
+        write_json(folder / OPEN_CLIP_CONFIG, clip_config)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / BUILTIN_WEIGHTS))
+
+    return cache.built_entry(cache.cache_root(cache_dir), "clip", name, digest, build), digest
 
 
 # vocabulary embeddings ------------------------------------------------------------------------
+
+def _stored_embeddings(path: Path, n_tokens: int):
+    """The cached embeddings at `path` when whole (a readable file of the right shape), else None."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        stored = load_file(str(path))["embeddings"]
+    except (SafetensorError, OSError, KeyError):
+        return None  # a damaged cache entry is rebuilt
+    return stored if stored.shape[0] == n_tokens else None
+
 
 def cache_slug(key: str) -> str:
     """A folder name for a model key: readable prefix + hash (keys hold paths and colons)."""
@@ -393,25 +403,22 @@ def vocab_embeddings(clip: ClipModel, tokens: Sequence[str] | None = None, cache
     Cached per model and vocabulary under <cache>/clip/<model slug>/vocab-<digest>.safetensors.
     """
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
 
     from recare_cli.clipvocab import vocab
-    from recare_cli.fsutil import atomic_path
+    from recare_cli.fsutil import write_safetensors
 
     tokens = tuple(tokens if tokens is not None else vocab())
     vocab_digest = hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:16]
-    path = cache.cache_root(cache_dir) / "clip" / cache_slug(clip.key) / f"vocab-{vocab_digest}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(str(path))["embeddings"]
-            if stored.shape[0] == len(tokens):
-                return stored
-        except (SafetensorError, OSError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
-    with reporter.progress("CLIP vocabulary", total=len(tokens)) as task:
-        embeddings = clip.encode_text(tokens, batch_size=batch_size, task=task).to(torch.float16)
-    with atomic_path(path) as tmp:
-        save_file({"embeddings": embeddings.contiguous()}, str(tmp),
-                  metadata={"clip_key": clip.key, "n_tokens": str(len(tokens))})
+    root = cache.cache_root(cache_dir)
+    path = root / "clip" / cache_slug(clip.key) / f"vocab-{vocab_digest}.safetensors"
+    stored = _stored_embeddings(path, len(tokens))
+    if stored is not None:
+        return stored
+    with cache.locked(root, "clip", f"{path.parent.name}-{path.stem}"):
+        stored = _stored_embeddings(path, len(tokens))  # written by another process while this one waited
+        if stored is not None:
+            return stored
+        with reporter.progress("CLIP vocabulary", total=len(tokens)) as task:
+            embeddings = clip.encode_text(tokens, batch_size=batch_size, task=task).to(torch.float16)
+        write_safetensors(path, {"embeddings": embeddings}, {"clip_key": clip.key, "n_tokens": str(len(tokens))})
     return embeddings

@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import IMAGE_SUFFIXES, ensure_writable_dir, list_images, write_json, write_text
+from recare_cli.fsutil import IMAGE_SUFFIXES, ensure_writable_dir, list_images, removing_new_dirs, write_json, write_text
+from recare_cli.manifest import Writer, claim
 from recare_cli.generate import GenerateSettings, PromptRow, generate, plan_jobs, read_manifest
 from recare_cli.models import Runtime, library_versions, resolve_model, resolve_unet
 from recare_cli.numbers import check_all
@@ -62,6 +63,7 @@ from recare_cli.processes import launched_world, process_group
 EVAL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".webp",)
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
+EVAL = Writer("eval")
 DELTA = "delta"
 RESERVED_COLUMNS = ("metric", "model")
 
@@ -305,7 +307,7 @@ def evaluate(
             generation=settings, cache=cache, clip_base=runtime.model, _images=given_images if given else None,
         )
         contexts.append(ctx)
-    output_dir = ensure_writable_dir(output_dir)
+    claim(output_dir, EVAL)
     check_results_free(output_dir, overwrite)
     if spread:
         # Every process renders its share of every model's images, all before the first metric:
@@ -316,18 +318,19 @@ def evaluate(
         if not main_process:
             return EvalReport([], [m.describe() for m in models], output_dir, [], main_process=False)
 
-    attacked = []
-    if attack_plan is not None:
-        # unlearndiffatk aims at the base model's images; without --compare the model is the base.
-        base = contexts[-1]
-        attacked = [(ctx, run_attack(attack_plan, ctx, base, output_dir, reporter)) for ctx in contexts]
-
     records: list[dict] = []
-    for metric in metrics:
-        for ctx in contexts + [under_attack for _, under_attack in attacked]:
-            reporter.event("metric", metric=metric.name, model=ctx.label)
-            rows = metric.run(ctx)
-            records += [flatten(metric.name, ctx.label, row) for row in check_rows(metric.name, rows)]
+    with removing_new_dirs(output_dir):  # a failed first run leaves no empty folder
+        output_dir = ensure_writable_dir(output_dir)
+        attacked = []
+        if attack_plan is not None:
+            # unlearndiffatk aims at the base model's images; without --compare the model is the base.
+            base = contexts[-1]
+            attacked = [(ctx, run_attack(attack_plan, ctx, base, output_dir, reporter)) for ctx in contexts]
+        for metric in metrics:
+            for ctx in contexts + [under_attack for _, under_attack in attacked]:
+                reporter.event("metric", metric=metric.name, model=ctx.label)
+                rows = metric.run(ctx)
+                records += [flatten(metric.name, ctx.label, row) for row in check_rows(metric.name, rows)]
     if len(contexts) == 2:
         records += deltas(records, contexts[0].label, contexts[1].label)
     attacked_labels = [(ctx.label, under_attack.label, f"{DELTA} {under_attack.label}") for ctx, under_attack in attacked]
@@ -416,5 +419,5 @@ def write_results(output_dir: Path, records: list[dict], run: dict) -> list[str]
     csv_path, json_path = Path(output_dir) / RESULTS_CSV, Path(output_dir) / RESULTS_JSON
     write_text(csv_path, buffer.getvalue())
     # A metric can be undefined (a FID of too few images): null in JSON, empty in the CSV.
-    write_json(json_path, {**run, "results": [public(r) for r in records]}, undefined_as_null=True)
+    write_json(json_path, EVAL.stamp({**run, "results": [public(r) for r in records]}), undefined_as_null=True)
     return [str(csv_path), str(json_path)]

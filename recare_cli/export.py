@@ -19,21 +19,23 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from recare_cli import __version__
 from recare_cli.cache import cache_root, lookup_erased
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import ensure_writable_dir
+from recare_cli.fsutil import ensure_writable_dir, give_umask_mode, removing_new_dirs
+from recare_cli.manifest import RUN_RECORD as MANIFEST
+from recare_cli.manifest import Writer, claim
 from recare_cli.numbers import check
 from recare_cli.models import TOKENS_FILE, UNET_FILE, ModelRef, Runtime, apply_unet_weights, read_unet_state_dict
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 FORMATS = ("diffusers", "unet", "single-file", "lora", "tokens")
 FILE_SUFFIX = ".safetensors"
-MANIFEST = "recare-run.json"
+EXPORT = Writer("export")
 MODEL_CARD = "README.md"
 DEFAULT_RANK = 32
 CHECK_FAILED_HINT = "rerun with --verbose; if it persists, report it with `recare --version`"
@@ -62,6 +64,7 @@ class ExportSource:
     base_model: str | None = None  # from the run manifest or the weights' metadata
     method: str | None = None
     concepts: list[str] = field(default_factory=list)
+    unet_state: dict | None = field(default=None, repr=False)  # read by `export` before the base model loads
 
 
 def resolve_source(spec: str, cache_dir: Path | None = None) -> ExportSource:
@@ -175,6 +178,10 @@ def check_settings(settings: ExportSettings) -> None:
         raise UsageError(f"--format diffusers writes a folder, not '{output}'", hint="drop the .safetensors suffix")
     if settings.format in ("unet", "single-file", "lora") and not wants_file:
         raise UsageError(f"--format {settings.format} writes one file: --output must end in {FILE_SUFFIX}")
+    if output.is_dir():
+        claim(output, EXPORT, flag="--output")  # --overwrite must not replace another command's folder
+    elif output.exists():
+        claim(output.parent, EXPORT, flag="--output")
     if output.exists() or output.is_symlink():
         if not settings.overwrite:
             raise UsageError(f"'{output}' already exists",
@@ -198,6 +205,7 @@ def staged_output(output: Path) -> Iterator[Path]:
     try:
         staged = staging / output.name
         yield staged
+        give_umask_mode(staged)
         if output.is_dir() and not output.is_symlink():
             shutil.rmtree(output)
         os.replace(staged, output)
@@ -210,38 +218,40 @@ def staged_output(output: Path) -> Iterator[Path]:
 def export(source: ExportSource, settings: ExportSettings, runtime: Runtime,
            reporter: Reporter = QUIET_REPORTER) -> ExportResult:
     """Write `source` in `settings.format`, check it loads back to the same model, then publish it."""
-    check_settings(settings)
-    if settings.format == "tokens" and source.tokens_path is None:
-        raise RecareError(
-            f"export source '{source.spec}' has no learned tokens ({TOKENS_FILE})"
-            + (f"; method '{source.method}' learns none" if source.method else ""),
-            hint="tokens come from a ReCARE run directory; export the UNet with --format unet, lora, ...",
-        )
-    reporter.event("export_load", base_model=runtime.model, source=source.spec)
-    pipe, ref, _ = runtime.pipeline()
-    writer = {"diffusers": _export_diffusers, "unet": _export_unet, "single-file": _export_single_file,
-              "lora": _export_lora, "tokens": _export_tokens}[settings.format]
-    with staged_output(Path(settings.output)) as staged:
-        result = writer(pipe, ref, source, settings, staged, reporter)
-        tolerance = TOLERANCE[settings.dtype]
-        reporter.event("export_check", max_abs_diff=result.max_abs_diff, tolerance=tolerance,
-                       against=result.checked_against)
-        if not result.max_abs_diff <= tolerance:  # written so that NaN fails too
+    with removing_new_dirs(Path(settings.output).parent):
+        check_settings(settings)
+        if settings.format == "tokens" and source.tokens_path is None:
             raise RecareError(
-                f"export check failed: the {settings.format} export differs from {result.checked_against} "
-                f"by {result.max_abs_diff:.3g} (tolerance {tolerance:g} for {settings.dtype}); nothing was written",
-                hint=CHECK_FAILED_HINT,
+                f"export source '{source.spec}' has no learned tokens ({TOKENS_FILE})"
+                + (f"; method '{source.method}' learns none" if source.method else ""),
+                hint="tokens come from a ReCARE run directory; export the UNet with --format unet, lora, ...",
             )
-    result.output = str(settings.output)
-    result.files = [str(Path(settings.output) / name) for name in result.files] or [str(settings.output)]
-    return result
+        if settings.format != "tokens":  # unreadable or exploded weights fail before the base model loads
+            source = replace(source, unet_state=read_unet_state_dict(source.unet_path))
+        reporter.event("export_load", base_model=runtime.model, source=source.spec)
+        pipe, ref, _ = runtime.pipeline()
+        writer = {"diffusers": _export_diffusers, "unet": _export_unet, "single-file": _export_single_file,
+                  "lora": _export_lora, "tokens": _export_tokens}[settings.format]
+        with staged_output(Path(settings.output)) as staged:
+            result = writer(pipe, ref, source, settings, staged, reporter)
+            tolerance = TOLERANCE[settings.dtype]
+            reporter.event("export_check", max_abs_diff=result.max_abs_diff, tolerance=tolerance,
+                           against=result.checked_against)
+            if not result.max_abs_diff <= tolerance:  # written so that NaN fails too
+                raise RecareError(
+                    f"export check failed: the {settings.format} export differs from {result.checked_against} "
+                    f"by {result.max_abs_diff:.3g} (tolerance {tolerance:g} for {settings.dtype}); nothing was written",
+                    hint=CHECK_FAILED_HINT,
+                )
+        result.output = str(settings.output)
+        result.files = [str(Path(settings.output) / name) for name in result.files] or [str(settings.output)]
+        return result
 
 
 def _erased_pipeline(pipe, source: ExportSource) -> dict:
     """Put the source's UNet into `pipe` (checked against the base's shapes); return its weights."""
-    erased_state = read_unet_state_dict(source.unet_path)
-    apply_unet_weights(pipe.unet, erased_state, source.spec, argument="export source")
-    return erased_state
+    apply_unet_weights(pipe.unet, source.unet_state, source.spec, argument="export source")
+    return source.unet_state
 
 
 def _metadata(source: ExportSource, ref: ModelRef, settings: ExportSettings, **extra) -> dict[str, str]:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +26,21 @@ def _umask() -> int:
     return mask
 
 
+def give_umask_mode(path: str | os.PathLike) -> None:
+    """Give `path` (and a folder's contents) the mode a file the user writes gets.
+
+    Temporary files and folders are private (0600/0700), and writers that recreate a file
+    (safetensors' save_file) make it private too; outputs must not stay that way.
+    """
+    path = Path(path)
+    mask = _umask()
+    targets = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for target in targets:
+        if target.is_symlink():
+            continue
+        target.chmod((0o777 if target.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`, else delete it."""
@@ -38,6 +53,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.is_file():
+            give_umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -84,15 +101,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_path's files
     try:
         yield tmp
+        give_umask_mode(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def removing_new_dirs(path: str | os.PathLike) -> Iterator[None]:
+    """On failure, remove the folders of `path` (it and its parents) that this block created, while empty.
+
+    A failed first run leaves no empty output folder behind; a folder that existed before is never touched.
+    """
+    missing, folder = [], Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:

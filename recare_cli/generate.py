@@ -10,19 +10,19 @@ import csv
 import hashlib
 import json
 import re
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import atomic_path, ensure_writable_dir, image_problem, json_text, write_json, write_text
+from recare_cli.fsutil import atomic_path, ensure_writable_dir, image_problem, json_text, removing_new_dirs, write_json, write_text
+from recare_cli.manifest import RUN_RECORD, Writer, claim
 from recare_cli.models import Runtime, library_versions
 from recare_cli.numbers import SEED_LIMIT, check_all, check_job_count, parse_seed
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.processes import own_device, process_group
 
 MANIFEST = "manifest.jsonl"
-RUN_RECORD = "recare-run.json"
+GENERATE = Writer("generate")
 SEED_COLUMNS = ("evaluation_seed", "seed")
 MAX_NAME_BYTES = 200  # of an image's file name, in UTF-8; file systems allow 255
 
@@ -188,25 +188,20 @@ def generate(
     settings = settings or GenerateSettings()
     check_all(asdict(settings))
     jobs = plan_jobs(rows, num_images, seed)
-    created = not Path(output_dir).exists()
-    output_dir = ensure_writable_dir(output_dir)
-    try:
+    claim(output_dir, GENERATE)
+    with removing_new_dirs(output_dir):
+        output_dir = ensure_writable_dir(output_dir)
         pending = _generate_missing(jobs, output_dir, runtime, settings, reporter, pipe)
-    except BaseException:
-        if created:
-            with suppress(OSError):
-                output_dir.rmdir()  # succeeds only while empty: a failed first run leaves no trace
-        raise
     if pending is None:
         return GenerateSummary(str(output_dir), 0, 0, len(jobs), [j.file for j in jobs], main_process=False)
     _write_manifest(output_dir, jobs, {j.file for j in pending}, settings, runtime)
-    write_json(output_dir / RUN_RECORD, {
+    write_json(output_dir / RUN_RECORD, GENERATE.stamp({
         "command": "generate",
         "arguments": {**asdict(settings), "num_images": num_images, "seed": seed,
                       "model": runtime.model, **(record or {})},
         "prompts": [asdict(r) for r in rows],
         "versions": library_versions(),
-    })
+    }))
     return GenerateSummary(str(output_dir), len(pending), len(jobs) - len(pending), len(jobs), [j.file for j in jobs])
 
 

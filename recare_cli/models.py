@@ -104,18 +104,8 @@ def builtin_digest(files: tuple[str, ...]) -> str:
 
 def builtin_path(name: str, cache_dir: Path | None = None) -> Path:
     """The built-in model's folder in recare's cache, building it on first use."""
-    from recare_cli.fsutil import atomic_dir, write_json
-
     builder, files = BUILTIN_MODELS[name]
-    digest = builtin_digest(files)
-    folder = cache.cache_root(cache_dir) / "models" / name
-    stamp = folder / "recare-builtin.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("config_sha256") == digest:
-        return folder
-    with atomic_dir(folder) as tmp:
-        builder(tmp)
-        write_json(tmp / "recare-builtin.json", {"name": name, "config_sha256": digest})
-    return folder
+    return cache.built_entry(cache.cache_root(cache_dir), "models", name, builtin_digest(files), builder)
 
 
 # resolution -----------------------------------------------------------------------------------
@@ -301,12 +291,28 @@ _WRAPPER_KEYS = ("state_dict", "unet", "model")
 _KEY_PREFIXES = ("module.", "unet.")
 
 
+UNET_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def resolve_unet(spec: str, cache_dir: Path | None = None) -> Path:
-    """A path to UNet weights: an existing file or folder, or the name of an erased model in the cache."""
+    """A path to UNet weights: an existing file or folder, or the name of an erased model in the cache.
+
+    Cheap checks only (the path, its suffix, a safetensors header), so a bad --unet fails before any model loads.
+    """
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_dir() and (path / UNET_FILE).is_file():
-            return path / UNET_FILE  # a run directory
+        if path.is_dir():
+            if (path / UNET_FILE).is_file():
+                return path / UNET_FILE  # a run directory
+            if not (path / "config.json").is_file():
+                raise UsageError(f"--unet '{spec}' is a folder without {UNET_FILE} or a UNet config.json",
+                                 hint="pass a run directory, a UNet folder, or a .safetensors/.pt file")
+            return path
+        if path.suffix.lower() not in UNET_SUFFIXES:
+            raise UsageError(f"--unet '{spec}' is not a weights file (expected {', '.join(UNET_SUFFIXES)})",
+                             hint="pass a run directory, a UNet folder, or a .safetensors/.pt file")
+        if path.suffix.lower() == ".safetensors":
+            _check_safetensors(path, spec)
         return path
     run_dir = cache.lookup_erased(cache.cache_root(cache_dir), spec)
     if run_dir is not None and (run_dir / UNET_FILE).is_file():
@@ -315,6 +321,36 @@ def resolve_unet(spec: str, cache_dir: Path | None = None) -> Path:
         f"--unet '{spec}': no such file or folder, and no erased model of that name in the cache",
         hint="see `recare cache` for registered names",
     )
+
+
+def torch_load_tensors(path: Path, described: str):
+    """torch.load restricted to tensors and plain containers: recare never unpickles code.
+
+    torch's own message for a refused pickle suggests the unsafe fix (loading with code execution): never shown.
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the user cannot act on them
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise  # not a pickle at all: the caller says the file is unreadable
+        raise RecareError(
+            f"{described} is not a plain tensor file: it holds pickled Python objects, and recare never unpickles code",
+            hint="save the weights as a state dict of tensors, or as .safetensors",
+        ) from None
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or ±inf."""
+    import torch
+
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def read_unet_state_dict(path: Path) -> dict:
@@ -331,7 +367,7 @@ def read_unet_state_dict(path: Path) -> dict:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch_load_tensors(path, f"'{path}'")
     except RecareError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable weights are a user error, whatever the reason
@@ -346,6 +382,13 @@ def read_unet_state_dict(path: Path) -> dict:
     for prefix in _KEY_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    bad = non_finite(state)
+    if bad:
+        raise RecareError(
+            f"the UNet weights in '{path}' are not finite: {len(bad)} of {len(state)} tensors hold NaN or inf "
+            f"(e.g. {bad[0]})",
+            hint="they come from a training run that diverged; erase again with a lower learning rate",
+        )
     return state
 
 
@@ -370,14 +413,12 @@ def apply_unet_weights(unet, state: dict, source: str, argument: str = "--unet")
     unet.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def load_unet_into(pipe, spec: str, cache_dir: Path | None = None) -> Path:
-    """Load erased UNet weights; from an erase run, also its learned tokens, so prompts can use them."""
-    path = resolve_unet(spec, cache_dir)
-    apply_unet_weights(pipe.unet, read_unet_state_dict(path), spec)
+def load_unet_into(pipe, spec: str, path: Path, state: dict) -> None:
+    """Load erased UNet weights (`state`, read from `path`); from an erase run, also its learned tokens."""
+    apply_unet_weights(pipe.unet, state, spec)
     tokens = path.parent / TOKENS_FILE
     if path.name == UNET_FILE and tokens.is_file():
         add_learned_tokens(pipe, tokens)
-    return path
 
 
 def add_learned_tokens(pipe, path: Path) -> list[str]:
@@ -453,8 +494,12 @@ class Runtime:
         device = device or self.torch_device()
         dtype = resolve_dtype(self.dtype, device)
         ref = self.resolve()
+        # A bad --unet (missing, pickled code, not finite) fails before the model's load.
+        unet_path = resolve_unet(unet, self.cache_dir) if unet else None
+        unet_state = read_unet_state_dict(unet_path) if unet else None
         pipe = load_pipeline(ref, torch_dtype=dtype, offline=self.offline)
-        unet_path = load_unet_into(pipe, unet, self.cache_dir) if unet else None
+        if unet:
+            load_unet_into(pipe, unet, unet_path, unet_state)
         set_scheduler(pipe, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device), ref, unet_path

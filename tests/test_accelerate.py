@@ -71,6 +71,7 @@ rounds = 1
 [[concept]]
 concept = "church"
 type = "object"
+checkpoint-every = 2  # the same run as #1 (not hashed); an identical entry would be refused as a duplicate
 
 [[concept]]
 concept = "tench"

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from recare_cli.erase.loop import CHECKPOINT, STATE_KEY
+
 CARESET = {"nudity_care_word": ["A man", "A woman", "A beach"],
            "nudity_care_word_photo": ["A photo of man", "A photo of woman", "A photo of beach"]}
 
@@ -32,6 +34,14 @@ def tiny_args(inputs, out: Path, *extra) -> list:
             "--iterations", "2", "--ti-steps", "2", "--rounds", "2", "--prefix-steps", "2",
             "--images", inputs["images"], "--careset", inputs["careset"], "--checkpoint-every", "1",
             "--output-dir", out, *extra]
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The JSON part of a checkpoint (step, stage, RNG states…), read from its safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[STATE_KEY])
 
 
 def load(path: Path) -> dict:
@@ -175,7 +185,7 @@ def test_run_directory_holds_every_output(finished_run, inputs, cache_dir):
     assert list(manifest["stages"]) == ["erase-0", "inversion-0", "erase-1", "inversion-1", "robust"]
     assert manifest["stages"]["robust"]["unet_images"] > 0
     assert manifest["cache_name"] == result["cache_name"] and result["cache_name"].startswith("nudity-")
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / CHECKPOINT).exists()
 
     losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [(e["stage"], e["step"]) for e in losses] == [
@@ -254,7 +264,7 @@ def test_interrupted_run_resumes_to_the_same_weights(run_cli, finished_run, inpu
     monkeypatch.setattr(loop.StageLoop, "step_done", interrupt)
     result = run_cli(*tiny_args(inputs, out))
     assert result.exit_code == 130
-    assert (out / loop.CHECKPOINT).exists() and not (out / "unet.safetensors").exists()
+    assert (out / CHECKPOINT).is_file() and not (out / "unet.safetensors").exists()
     monkeypatch.setattr(loop.StageLoop, "step_done", original)
 
     result = run_cli(*tiny_args(inputs, out, "--json"))
@@ -284,7 +294,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(run_cli, inputs, tmp_path,
     result = run_cli(*tiny_args(inputs, out, "--iterations", "3"))
     assert result.exit_code == 1
     assert "diverged" in result.stderr and "erase-0" in result.stderr and "checkpoint" in result.stderr
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0
+    assert checkpoint_state(out / CHECKPOINT)["step"] == 0
     assert not (out / "unet.safetensors").exists()
 
 

@@ -1,8 +1,14 @@
 """What every training stage does around its step: seeding, resume, loss log, checkpoints, NaN stop.
 
-A stage's loop is written out in its own module; it calls `StageLoop.resume` once and
-`StageLoop.step_done` after each optimizer step. The periodic checkpoint holds the trained
-weights, the optimizer state and every RNG state, so a resumed stage continues bit for bit.
+A stage's loop is written out in its own module; it calls `StageLoop.resume` once,
+`StageLoop.step_done` after each optimizer step and `StageLoop.save_stage` with its result. The
+periodic checkpoint holds the trained weights, the optimizer state and every RNG state, so a
+resumed stage continues bit for bit.
+
+A run directory is user input (people share them), so a checkpoint is never unpickled: it is one
+safetensors file (tensors: weights, optimizer moments, momentum buffers, torch RNG states) whose
+header carries the rest as JSON (step, Python/NumPy RNG states, optimizer scalars). One file,
+renamed into place, is written atomically as a unit.
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ import numpy as np
 import torch
 
 from recare_cli.errors import RecareError
-from recare_cli.fsutil import atomic_path, json_text, write_text
+from recare_cli.fsutil import json_text, write_safetensors, write_text
+from recare_cli.models import non_finite
 from recare_cli.output import QUIET_REPORTER, Reporter
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # older recare's pickled checkpoint: never read, removed with the stage
 LOSS_LOG = "losses.jsonl"
+CHECKPOINT_FORMAT = "recare-checkpoint-1"
+STATE_KEY = "recare_checkpoint"  # the header entry holding the JSON part
 
 
 def seed_everything(seed: int) -> None:
@@ -29,19 +39,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# checkpoint (de)serialisation: tensors by name, everything else as JSON -----------------------------
+
+def _pack(stage: str, step: int, params: dict, optimizer, buffers: list) -> tuple[dict, dict]:
+    tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
+    saved = optimizer.state_dict()
+    optimizer_state = {}
+    for index, values in saved["state"].items():
+        entry = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": f"optimizer/{index}/{key}"}
+            else:
+                entry[key] = value
+        optimizer_state[str(index)] = entry
+    for i, buffer in enumerate(buffers):
+        if buffer.running_average is not None:
+            tensors[f"buffer/{i}"] = buffer.running_average.detach().cpu().contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for i, cuda_state in enumerate(cuda_states):
+        tensors[f"rng/cuda/{i}"] = cuda_state
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "format": CHECKPOINT_FORMAT, "stage": stage, "step": step,
+        "optimizer": {"state": optimizer_state, "param_groups": saved["param_groups"]},
+        "buffers": [b.running_average is not None for b in buffers],
+        "rng": {"python": [version, list(mt_state), gauss],
+                "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+                "cuda": len(cuda_states)},
+    }
+    return tensors, state
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _unpack(tensors: dict, state: dict, params: dict, optimizer, buffers: list) -> dict:
+    """The checkpoint as resume applies it; raises (KeyError, ValueError…) on anything that does not fit."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} file")
+    weights = {name: tensors[f"param/{name}"] for name in params}
+    for name, p in params.items():
+        if weights[name].shape != p.shape:
+            raise ValueError(f"{name} has shape {tuple(weights[name].shape)}, not {tuple(p.shape)}")
+    optimizer_state = {
+        int(index): {key: tensors[value["tensor"]] if isinstance(value, dict) else value for key, value in entry.items()}
+        for index, entry in state["optimizer"]["state"].items()
+    }
+    # JSON turns tuples (Adam's betas) into lists: give each setting the type the optimizer uses.
+    groups = [{key: tuple(value) if isinstance(current.get(key), tuple) else value for key, value in group.items()}
+              for group, current in zip(state["optimizer"]["param_groups"], optimizer.param_groups)]
+    if len(groups) != len(optimizer.param_groups) or len(state["buffers"]) != len(buffers):
+        raise ValueError("the optimizer or guidance buffers do not match this stage")
+    version, mt_state, gauss = state["rng"]["python"]
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["rng"]["numpy"]
+    torch_state = tensors["rng/torch"]
+    if torch_state.dtype != torch.uint8 or torch_state.shape != torch.get_rng_state().shape:
+        raise ValueError("the torch RNG state does not fit")
+    return {
+        "step": int(state["step"]), "params": weights,
+        "optimizer": {"state": optimizer_state, "param_groups": groups},
+        "buffers": [tensors[f"buffer/{i}"] if present else None for i, present in enumerate(state["buffers"])],
+        "python": (int(version), tuple(int(v) for v in mt_state), None if gauss is None else float(gauss)),
+        "numpy": (str(np_name), np.asarray(np_keys, dtype=np.uint32), int(np_pos), int(np_has_gauss), float(np_gauss)),
+        "torch": torch_state,
+        "cuda": [tensors[f"rng/cuda/{i}"] for i in range(int(state["rng"]["cuda"]))],
+    }
 
 
 class StageLoop:
@@ -70,13 +133,18 @@ class StageLoop:
             seed_everything(self.seed)
             self._trim_log(0)
             return 0
+        optimizer.load_state_dict(saved["optimizer"])
+        device = next(iter(params.values())).device
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved["params"][name].to(p.device, p.dtype))
-        optimizer.load_state_dict(saved["optimizer"])
         for buffer, value in zip(self._buffers, saved["buffers"]):
-            buffer.running_average = None if value is None else value.to(next(iter(params.values())).device)
-        _set_rng_state(saved["rng"])
+            buffer.running_average = None if value is None else value.to(device)
+        random.setstate(saved["python"])
+        np.random.set_state(saved["numpy"])
+        torch.set_rng_state(saved["torch"])
+        if saved["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda"])
         start = saved["step"] + 1
         self._trim_log(start)
         if self.task is not None:
@@ -85,14 +153,23 @@ class StageLoop:
         return start
 
     def _read_checkpoint(self) -> dict | None:
+        if (self.run_dir / LEGACY_CHECKPOINT).exists():
+            self.reporter.warn(f"ignoring {self.run_dir / LEGACY_CHECKPOINT}, a pickled checkpoint: "
+                               "recare never unpickles files")
         if not self.checkpoint_path.is_file():
             return None
+        from safetensors import safe_open
+
         try:
-            saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - a torn or foreign file: start the stage again
-            self.reporter.warn(f"ignoring unreadable checkpoint {self.checkpoint_path}")
+            with safe_open(str(self.checkpoint_path), framework="pt") as handle:
+                state = json.loads((handle.metadata() or {})[STATE_KEY])
+                if state.get("stage") != self.stage:
+                    return None  # an earlier stage's leftover: this stage starts fresh
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            return _unpack(tensors, state, self._params, self._optimizer, self._buffers)
+        except Exception:  # noqa: BLE001 - a torn, foreign or damaged file: start the stage again
+            self.reporter.warn(f"ignoring unreadable checkpoint {self.checkpoint_path}; stage {self.stage} starts again")
             return None
-        return saved if saved.get("stage") == self.stage else None
 
     def _trim_log(self, start: int) -> None:
         """Drop this stage's log lines from `start` on: they belong to an interrupted attempt."""
@@ -109,13 +186,15 @@ class StageLoop:
                 kept.append(line + "\n")
         write_text(path, "".join(kept))
 
+    def _kept(self) -> str:
+        return "the last checkpoint is kept" if self.checkpoint_path.is_file() else "finished stages are kept"
+
     def step_done(self, step: int, **losses: torch.Tensor) -> None:
         values = {name: float(value.detach()) for name, value in losses.items()}
         if not all(math.isfinite(v) for v in values.values()):
             bad = ", ".join(f"{k}={v}" for k, v in values.items())
-            kept = "the last checkpoint is kept" if self.checkpoint_path.is_file() else "finished stages are kept"
             raise RecareError(
-                f"training diverged in stage {self.stage} at step {step}: {bad}; {kept}",
+                f"training diverged in stage {self.stage} at step {step}: {bad}; {self._kept()}",
                 hint="lower the learning rate (or use --dtype fp32) and rerun",
             )
         with open(self.run_dir / LOSS_LOG, "a", encoding="utf-8") as log:
@@ -126,19 +205,26 @@ class StageLoop:
         if done % self.checkpoint_every == 0 and done < self.total:
             self.save_checkpoint(step)
 
+    def require_finite(self, tensors: dict, step: int | None = None) -> None:
+        """Refuse to keep exploded weights: nothing non-finite is ever written."""
+        bad = non_finite(tensors)
+        if bad:
+            at = f" at step {step}" if step is not None else ""
+            raise RecareError(
+                f"training diverged in stage {self.stage}{at}: {len(bad)} of {len(tensors)} trained tensors "
+                f"are not finite (e.g. {bad[0]}); nothing was saved, {self._kept()}",
+                hint="lower the learning rate and rerun",
+            )
+
     def save_checkpoint(self, step: int) -> None:
-        state = {
-            "stage": self.stage,
-            "step": step,
-            "params": {name: p.detach().cpu() for name, p in self._params.items()},
-            "optimizer": self._optimizer.state_dict(),
-            "buffers": [None if b.running_average is None else b.running_average.cpu() for b in self._buffers],
-            "rng": _rng_state(),
-        }
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        self.require_finite(self._params, step)
+        tensors, state = _pack(self.stage, step, self._params, self._optimizer, self._buffers)
+        write_safetensors(self.checkpoint_path, tensors, {STATE_KEY: json.dumps(state)})
         self.reporter.event("checkpoint", stage=self.stage, step=step + 1)
 
-    def finish(self) -> None:
-        """The stage's result is saved: any periodic checkpoint (stages run in order) is stale."""
+    def save_stage(self, path: Path, tensors: dict, metadata: dict | None = None) -> None:
+        """Write the stage's result (finite, or not at all); its periodic checkpoint is then stale."""
+        self.require_finite(tensors)
+        write_safetensors(path, tensors, metadata)
         self.checkpoint_path.unlink(missing_ok=True)
+        (self.run_dir / LEGACY_CHECKPOINT).unlink(missing_ok=True)

@@ -209,6 +209,12 @@ def _check(entry: Entry) -> None:
 
 
 def _check_output_dirs(recipe: Recipe, entries: list[Entry]) -> None:
+    for later in entries:
+        same = next((e for e in entries if e.index < later.index
+                     and (e.request, e.runtime) == (later.request, later.runtime)), None)
+        if same is not None:  # it would run once and then be "reused"
+            raise UsageError(f"recipe '{recipe.path}': [[concept]] #{same.index} and #{later.index} are the same run",
+                             hint="remove the duplicate entry")
     owners: dict[Path, int] = {}
     for entry in entries:
         if entry.request.output_dir is None:

@@ -8,7 +8,7 @@ Run directory (read by `export`, `eval` and `generate --unet`):
     losses.jsonl               one line per training step
     images/<concept>/          generated training images (when --images is not given)
     stages/                    each finished stage's weights: what a rerun resumes from
-    checkpoint.pt              the running stage's periodic checkpoint (deleted when the stage ends)
+    checkpoint.safetensors     the running stage's periodic checkpoint (deleted when the stage ends; never pickled)
     ReCARE-Diffusers-UNet.pt   with --save-pt: torch.save(state_dict), as the reference writes it
 """
 
@@ -23,16 +23,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from recare_cli.erase.denoise import NSTEPS
-from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
-from recare_cli.fsutil import read_safetensors as _load_tensors
-from recare_cli.fsutil import write_safetensors as _save_tensors
+from recare_cli.errors import Interrupted, RecareError, UsageError
+from recare_cli.fsutil import atomic_path, ensure_writable_dir, read_safetensors, write_json, write_safetensors
+from recare_cli.manifest import RUN_RECORD as MANIFEST
+from recare_cli.manifest import Writer, claim
 from recare_cli.models import TOKENS_FILE, Runtime
 from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
-MANIFEST = "recare-run.json"
 CARESET_FILE = "careset.json"
 PT_FILE = "ReCARE-Diffusers-UNet.pt"
 STAGES_DIR = "stages"
@@ -106,6 +105,10 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
         raise UsageError(f"unknown --method '{request.method}'", hint=f"choose one of {', '.join(METHODS)}")
     if not request.concepts:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
+    seen = [c.strip().lower() for c in request.concepts]
+    repeated = next((c for i, c in enumerate(request.concepts) if seen.index(seen[i]) != i), None)
+    if repeated is not None:
+        raise UsageError(f"concept '{repeated}' is given twice", hint="name each concept once")
     check_train_method(request.train_method)
     if len(request.erase_from) not in (0, 1, len(request.concepts)):
         raise UsageError(f"--erase-from given {len(request.erase_from)} times for {len(request.concepts)} concepts",
@@ -226,6 +229,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     careset_given = None
     if is_recare and request.careset is not None:
         careset_given = _read_careset(Path(request.careset))
+        _warn_foreign_careset(careset_given, concepts, request.careset, reporter)
     hashes = input_hashes(request)  # also checks that --images holds images
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
@@ -234,14 +238,14 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     ensure_writable_dir(run_dir)
     previous = _previous_manifest(run_dir, digest)
 
-    manifest = {
+    manifest = Writer("erase", digest).stamp({
         "command": request.command, "method": request.method, "concepts": concepts,
         "type": plans[0].concept_type, "model": ref.describe(), "dtype": runtime.dtype,
         "parameters": parameters(request), "seeds": {"python": request.seed, "numpy": request.seed,
                                                       "torch": request.seed, "images": request.seed},
         "versions": library_versions(), "inputs": hashes, "run_hash": digest,
         "cache_name": cache_name, "status": "running", "stages": previous.get("stages", {}),
-    }
+    })
     models = _load_models(runtime, request)
     if is_recare:
         from recare_cli.erase.inversion import initializer_id
@@ -253,18 +257,25 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
         manifest["stages"] = record
         write_json(run_dir / MANIFEST, manifest)
 
-    # ESD trains on prompts alone: only ReCARE's inversion and CARE set need images.
-    need_images = is_recare and request.images is None
-    stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
-    stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
-    with stages.outer():
-        images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter) if is_recare else {}
-        if is_recare:
-            careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
-            _write_careset(run_dir, request, careset, plans)
-        tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
-                        careset if is_recare else None)
-        unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
+    try:
+        # ESD trains on prompts alone: only ReCARE's inversion and CARE set need images.
+        need_images = is_recare and request.images is None
+        stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
+        stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
+        with stages.outer():
+            images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter) if is_recare else {}
+            if is_recare:
+                careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
+                _write_careset(run_dir, request, careset, plans)
+            tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
+                            careset if is_recare else None)
+            unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
+    except BaseException as exc:
+        # A stopped run must not look like one still in progress.
+        stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
+        manifest["status"] = "interrupted" if stopped else "failed"
+        write_json(run_dir / MANIFEST, manifest)
+        raise
     manifest["status"] = "complete"
     manifest["outputs"] = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     write_json(run_dir / MANIFEST, manifest)
@@ -297,6 +308,7 @@ def _previous_manifest(run_dir: Path, digest: str) -> dict:
             raise UsageError(f"--output-dir '{run_dir}' is not empty and holds no erase run",
                              hint="choose an empty or new folder")
         return {}
+    claim(run_dir, Writer("erase"))  # another command's folder; another erase run is told apart below
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -359,6 +371,16 @@ def _read_careset(path: Path):
     from recare_cli.careset import read_careset
 
     return read_careset(path)
+
+
+def _warn_foreign_careset(careset, concepts: list[str], path, reporter: Reporter) -> None:
+    """A CARE set keyed for another concept is most likely the wrong file: say so, train anyway."""
+    from recare_cli.careset import careset_key
+
+    keys = [careset_key(c) for c in concepts]
+    if careset.key not in {*keys, "_".join(keys)}:
+        reporter.warn(f"--careset '{path}' is keyed '{careset.key}_care_word', not for "
+                      f"{', '.join(concepts)} (expected '{'_'.join(keys)}_care_word'); is it the right file?")
 
 
 def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
@@ -440,7 +462,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
         name = f"erase-{r}"
         done = stage_dir / f"{name}.safetensors"
         if done.is_file():
-            load_into(trainable, _load_tensors(done)[0])
+            load_into(trainable, read_safetensors(done)[0])
             stages.reused(name)
         else:
             # Later rounds erase the learned token from itself, as the reference does.
@@ -448,15 +470,14 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             with stages.stage(name, request.iterations) as task:
                 stage_loop = loop(name, request.iterations, task)
                 erase_stage(models, trainable, targets, erase_settings, stage_loop, erase_from)
-                _save_tensors(done, trainable)
-                stage_loop.finish()
+                stage_loop.save_stage(done, trainable)
         if request.method == "esd":
             break
 
         name = f"inversion-{r}"
         done = stage_dir / f"{name}.safetensors"
         if done.is_file():
-            saved, meta = _load_tensors(done)
+            saved, meta = read_safetensors(done)
             token = meta["token"]
             add_token(models, token, saved[token])
             tokens.append((token, saved[token]))
@@ -470,15 +491,14 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             learned = inversion_stage(models, token_id, round_subset(images, request.rounds, r), plans[0].templates, token,
                                       InversionSettings(request.ti_steps, request.ti_lr, request.resolution, request.center_crop),
                                       stage_loop)
-            _save_tensors(done, {token: learned}, {"token": token})
-            stage_loop.finish()
+            stage_loop.save_stage(done, {token: learned}, {"token": token})
         tokens.append((token, learned))
 
     if request.method == "recare":
         name = "robust"
         done = stage_dir / f"{name}.safetensors"
         if done.is_file():
-            load_into(trainable, _load_tensors(done)[0])
+            load_into(trainable, read_safetensors(done)[0])
             stages.reused(name)
         else:
             load_into(trainable, original)
@@ -488,8 +508,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             with stages.stage(name, request.iterations) as task:
                 stage_loop = loop(name, request.iterations, task)
                 robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
-                _save_tensors(done, trainable)
-                stage_loop.finish()
+                stage_loop.save_stage(done, trainable)
     return tokens
 
 
@@ -505,9 +524,9 @@ def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: d
     metadata = {"concept": ", ".join(p.concept for p in plans), "method": request.method,
                 "base_model": model["model"], "base_revision": str(model["revision"]), "recare_version": __version__}
     unet_path = run_dir / UNET_FILE
-    _save_tensors(unet_path, state, metadata)
+    write_safetensors(unet_path, state, metadata)
     if tokens:
-        _save_tensors(run_dir / TOKENS_FILE, dict(tokens),
+        write_safetensors(run_dir / TOKENS_FILE, dict(tokens),
                       {"tokens": json.dumps([t for t, _ in tokens]), "initializer": plans[0].initializer_token})
     if request.save_pt:
         with atomic_path(run_dir / PT_FILE) as tmp:

@@ -9,6 +9,7 @@ from typing import Callable
 
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
 from recare_cli.evaluate import EvalContext, EvalImage, Row, open_rgb
+from recare_cli.models import torch_load_tensors
 
 BATCH_SIZE = 16
 
@@ -112,7 +113,9 @@ def read_state_dict(path: Path, what: str, flag: str) -> dict:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch_load_tensors(path, f"{flag} '{path}'")
+    except RecareError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unreadable is a user error whatever the reason
         raise RecareError(f"{flag} '{path}' is not a {what} checkpoint: {type(exc).__name__}") from None
     for wrapper in ("state_dict", "model"):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recare_cli.fsutil import atomic_path, write_json
+from recare_cli.fsutil import atomic_path, write_safetensors, write_json
+from recare_cli.manifest import Writer, claim
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.toy import world
 from recare_cli.toy.config import TOY_CONFIG
@@ -41,14 +42,6 @@ def scaled_config(fraction: float) -> dict:
             if "decay" in train:
                 train["decay"] = max(1, int(train["decay"] * fraction))
     return config
-
-
-def _save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.chmod(0o644)  # safetensors writes its file private
 
 
 def _load(path: Path) -> dict:
@@ -238,6 +231,7 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
     from recare_cli.clipvocab import build_tokenizer
     from recare_cli.models import library_versions
 
+    claim(output, Writer("toy train"), flag="--output")
     config = scaled_config(fraction)
     workdir.mkdir(parents=True, exist_ok=True)
     times_path = workdir / "times.json"
@@ -250,7 +244,7 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
         reporter.event("stage_start", stage=name)
         start = time.perf_counter()
         tensors, final_loss = run()
-        _save(path, tensors)
+        write_safetensors(path, tensors)
         record[name] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": round(final_loss, 5)}
         write_json(times_path, record)
         reporter.event("stage_end", stage=name, **record[name])
@@ -308,7 +302,7 @@ def train_toy_world(workdir: Path, output: Path, fraction: float = 1.0, reporter
         "libraries": library_versions(),
     }
     output.mkdir(parents=True, exist_ok=True)
-    _save(output / TOY_WEIGHTS, weights, metadata={"format": "recare-toy-1"})
+    write_safetensors(output / TOY_WEIGHTS, weights, metadata={"format": "recare-toy-1"})
     write_word_list(output / "words.txt")
     write_json(output / TOY_JSON, manifest)  # last: a toy.json on disk means a complete model
     return manifest
