@@ -151,8 +151,11 @@ def resolve_model(spec: str, cache_dir: Path | None = None, offline: bool = Fals
     )
 
 
-def _check_safetensors(path: Path, spec: str) -> None:
-    """Reading the header is cheap; without it a corrupt file fails later as "config not available"."""
+def _check_safetensors(path: Path, spec: str, whole_model: bool = True) -> None:
+    """Reading the header is cheap; without it a corrupt file fails later as "config not available".
+
+    `whole_model`: a --model single file, which must hold the LDM UNet keys (UNet weights for --unet need not).
+    """
     from safetensors import safe_open
 
     try:
@@ -160,7 +163,7 @@ def _check_safetensors(path: Path, spec: str) -> None:
             keys = list(handle.keys())
         if not keys:
             raise RecareError(f"'{spec}' is an empty safetensors file, not a model")
-        if not any(key.startswith(SINGLE_FILE_UNET_PREFIX) for key in keys):
+        if whole_model and not any(key.startswith(SINGLE_FILE_UNET_PREFIX) for key in keys):
             raise RecareError(f"'{spec}' is not a Stable Diffusion checkpoint (no {SINGLE_FILE_UNET_PREFIX}* weights)",
                               hint="erased UNet weights go to --unet; --model takes a whole pipeline")
     except RecareError:
@@ -176,7 +179,7 @@ def _check_ckpt(path: Path, spec: str) -> None:
 
     Loaded with weights_only=True (no code runs, whatever the file's pickle says) and memory-mapped,
     so a multi-GB checkpoint costs little here. torch's own message is not shown: it suggests
-    weights_only=False, the unsafe way round.
+    loading with code execution, the unsafe way round.
     """
     import torch
 
@@ -312,7 +315,7 @@ def resolve_unet(spec: str, cache_dir: Path | None = None) -> Path:
             raise UsageError(f"--unet '{spec}' is not a weights file (expected {', '.join(UNET_SUFFIXES)})",
                              hint="pass a run directory, a UNet folder, or a .safetensors/.pt file")
         if path.suffix.lower() == ".safetensors":
-            _check_safetensors(path, spec)
+            _check_safetensors(path, spec, whole_model=False)
         return path
     run_dir = cache.lookup_erased(cache.cache_root(cache_dir), spec)
     if run_dir is not None and (run_dir / UNET_FILE).is_file():
