@@ -99,7 +99,7 @@ def erase(
         rich_help_panel=SPEED)] = None,
     report_to: Annotated[Optional[str], typer.Option(
         help="tensorboard: log every step's losses and 2 sample images per concept after each training stage to "
-             "<run dir>/logs (pip install 'recare[tensorboard]'; view with tensorboard --logdir runs/).",
+             "<run dir>/logs (needs the tensorboard package; view with tensorboard --logdir runs/).",
         rich_help_panel=SPEED)] = None,
 ) -> None:
     """Erase concepts from the model; a rerun of the same command resumes where it stopped.
