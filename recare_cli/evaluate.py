@@ -359,8 +359,9 @@ def evaluate(
     if grid:
         from recare_cli.pictures import eval_grid
 
-        # Before, then after: the --compare model's row above the evaluated one's.
-        eval_grid([(ctx.label, ctx.images()) for ctx in contexts[1:] + contexts[:1]], records, output_dir / GRID_FILE)
+        # Before, then after: the --compare model's row above the evaluated one's, then each attacked model's.
+        rows = contexts[1:] + contexts[:1] + [under_attack for _, under_attack in attacked]
+        eval_grid([(ctx.label, ctx.images()) for ctx in rows], records, output_dir / GRID_FILE)
         files.append(str(output_dir / GRID_FILE))
     return EvalReport(records, [m.describe() for m in models], output_dir, files, attacked=attacked_labels)
 
