@@ -13,8 +13,8 @@ and measures how often concepts appear:
 - unrelated: every other toy concept, on prompts of its own.
 
 "Appears" is judged twice: by the toy classifier trained on the procedural ground truth
-(recare_cli/toy/classifier.py) and by the toy CLIP zero-shot. Prints a markdown table (the README's
-"Toy world" section) and writes it with every per-concept rate to --out.
+(recare_cli/toy/classifier.py) and by the toy CLIP zero-shot. Prints a markdown table (the tables of
+docs/benchmarks.md) and writes it with every per-concept rate to --out.
 
     python bench/toy_quality.py                       # star; about 15 minutes on a 2-core CPU
     python bench/toy_quality.py --concept stripes     # the style-like concept

@@ -176,6 +176,7 @@ class Selection:
     refined_away: list[int] = field(default_factory=list)
     perplexity: float = 30.0
     n_clusters: int = 7
+    tsne: list[tuple[float, float]] = field(default_factory=list)  # each token's place on the 2-D map
 
 
 def tsne_perplexity(n_tokens: int) -> float:
@@ -184,7 +185,10 @@ def tsne_perplexity(n_tokens: int) -> float:
 
 
 def cluster_tokens(token_embeddings, n_clusters: int, seed: int):
-    """(cluster labels, perplexity): t-SNE to 2-D (seeded, PCA init, auto learning rate), then k-means."""
+    """(cluster labels, perplexity, 2-D map): t-SNE to 2-D (seeded, PCA init, auto learning rate), then k-means.
+
+    Fewer than 3 tokens get no t-SNE: they are clustered as they are and mapped to a line.
+    """
     import numpy as np
     from sklearn.cluster import KMeans
     from sklearn.manifold import TSNE
@@ -197,12 +201,14 @@ def cluster_tokens(token_embeddings, n_clusters: int, seed: int):
     with threadpool_limits(1):
         if n < 3:
             points = np.asarray(token_embeddings, dtype=np.float64)  # too few points for t-SNE
+            map_2d = np.stack([np.arange(n, dtype=np.float64), np.zeros(n)], axis=1)
         else:
             points = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
                           random_state=seed).fit_transform(np.asarray(token_embeddings, dtype=np.float64))
+            map_2d = points
         # n_init fixed (not "auto") so the clusters do not change with the sklearn version.
         labels = KMeans(n_clusters=n_clusters, random_state=seed, n_init=10).fit_predict(points)
-    return labels, perplexity
+    return labels, perplexity, map_2d
 
 
 def refine_cluster(residuals, alpha: float):
@@ -239,7 +245,7 @@ def select_tokens(token_embeddings, concept_embedding, params: SelectionParams |
     residuals = W - np.outer(W @ c_hat, c_hat)
     residual_norm = np.linalg.norm(residuals, axis=1)
 
-    raw_labels, perplexity = cluster_tokens(W, params.n_clusters, params.seed)
+    raw_labels, perplexity, map_2d = cluster_tokens(W, params.n_clusters, params.seed)
     raw_means = np.array([residual_norm[raw_labels == k].mean() for k in range(params.n_clusters)])
     # Renumber clusters by mean residual so that label 0 is the most concept-like.
     rank_of = np.empty(params.n_clusters, dtype=int)
@@ -273,6 +279,7 @@ def select_tokens(token_embeddings, concept_embedding, params: SelectionParams |
         refined_away=sorted(refined_away),
         perplexity=perplexity,
         n_clusters=params.n_clusters,
+        tsne=[(float(x), float(y)) for x, y in map_2d],
     )
 
 
@@ -303,7 +310,7 @@ def selection_report(tokens: Sequence[str], counts: Sequence[int], selection: Se
         {"token": tok, "word": strip_word_end(tok), "count": int(counts[i]), "cluster": selection.labels[i],
          "similarity": round(selection.similarity[i], 6), "residual_norm": round(selection.residual_norm[i], 6),
          "refinement_d": round(selection.refinement_d[i], 6) if i in selection.refinement_d else None,
-         "status": status(i)}
+         "tsne": [round(x, 4) for x in selection.tsne[i]], "status": status(i)}
         for i, tok in enumerate(tokens)
     ]
     clusters = []
@@ -331,6 +338,7 @@ def selection_report(tokens: Sequence[str], counts: Sequence[int], selection: Se
 class CaresetResult:
     path: Path  # careset.json
     report_path: Path
+    picture_path: Path  # careset.png
     anchor: list[str]
     retain: list[str]
     report: dict
@@ -457,5 +465,9 @@ def build_careset(
             "words": words,
         }
         write_json(report_path, CARESET.stamp(report))
+        from recare_cli.pictures import CARESET_PICTURE, plot_careset
+
+        picture_path = output_dir / CARESET_PICTURE
+        plot_careset(report, picture_path)
         write_json(careset_path, careset)  # last: a careset.json on disk is always a finished one
-        return CaresetResult(careset_path, report_path, list(anchor), list(retain), report)
+        return CaresetResult(careset_path, report_path, picture_path, list(anchor), list(retain), report)

@@ -1,6 +1,6 @@
 """Exceptions the core raises; the CLI maps them to one-line messages and exit codes.
 
-Exit codes (documented in the README): 0 ok, 1 error, 2 usage, 3 model not available, 130 interrupted.
+Exit codes (documented in the README and docs/configuration.md): 0 ok, 1 error, 2 usage, 3 model not available, 130 interrupted.
 """
 
 EXIT_OK = 0

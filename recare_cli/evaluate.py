@@ -26,7 +26,9 @@ as recare's own (recare_cli/builtins/metrics.py)::
   adversarial prompts, each under the prompt it attacks and its seed) and returns `Row`s.
   A row's `key` says what was measured (prompt, target, image…); its `values` are the
   measurements. Rows with equal keys are matched across models for the `--compare` deltas.
-  `detail=True` rows (one per image) go to the files but not to the terminal table.
+  `detail=True` rows (one per image) go to the files but not to the terminal table. A detail
+  row keyed by `image` may carry a short `verdict` value ("unsafe", "star: no"): grid.png
+  prints it under that image.
 - `ctx.images()` gives the images to measure: the `--images` folder, or images of the run's
   prompts generated on first use through the `generate` core into
   `<output-dir>/images/<model label>/` (seed + i per image, reruns reuse them), shared by every
@@ -64,6 +66,7 @@ EVAL_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".webp",)
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 EVAL = Writer("eval")
+GRID_FILE = "grid.png"  # recare_cli.pictures draws it
 DELTA = "delta"
 RESERVED_COLUMNS = ("metric", "model")
 
@@ -218,8 +221,8 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_results_free(output_dir: Path, overwrite: bool) -> None:
-    for name in (RESULTS_CSV, RESULTS_JSON):
+def check_results_free(output_dir: Path, overwrite: bool, grid: bool = False) -> None:
+    for name in (RESULTS_CSV, RESULTS_JSON) + ((GRID_FILE,) if grid else ()):
         if (Path(output_dir) / name).exists() and not overwrite:
             raise UsageError(f"'{Path(output_dir) / name}' already exists",
                              hint="pass --overwrite to replace it, or choose another --output-dir")
@@ -254,6 +257,7 @@ def evaluate(
     reporter: Reporter = QUIET_REPORTER,
     attack: str | None = None,
     attack_settings=None,
+    grid: bool = True,
 ) -> EvalReport:
     from recare_cli.attacks import AttackSettings
     from recare_cli.attacks.run import plan_attack, run_attack
@@ -308,7 +312,7 @@ def evaluate(
         )
         contexts.append(ctx)
     claim(output_dir, EVAL)
-    check_results_free(output_dir, overwrite)
+    check_results_free(output_dir, overwrite, grid)
     if spread:
         # Every process renders its share of every model's images, all before the first metric:
         # a process waiting inside `generate` while the main one measured would time out.
@@ -355,6 +359,13 @@ def evaluate(
         from recare_cli.attacks.run import prompts_file
 
         files += [str(prompts_file(output_dir, under_attack.label)) for _, under_attack in attacked]
+    if grid:
+        from recare_cli.pictures import eval_grid
+
+        # Before, then after: the --compare model's row above the evaluated one's, then each attacked model's.
+        rows = contexts[1:] + contexts[:1] + [under_attack for _, under_attack in attacked]
+        eval_grid([(ctx.label, ctx.images()) for ctx in rows], records, output_dir / GRID_FILE)
+        files.append(str(output_dir / GRID_FILE))
     return EvalReport(records, [m.describe() for m in models], output_dir, files, attacked=attacked_labels)
 
 

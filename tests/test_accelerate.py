@@ -180,7 +180,7 @@ def test_eval_splits_the_images_and_writes_one_set_of_results(recipe_launch, run
         files = [f for r in renders for f in r["files"]]
         assert sorted(files) == ["a_cat_0.png", "a_cat_1.png", "a_dog_0.png", "a_dog_1.png"]  # each once
         assert len(json_lines((split / "images" / label / "manifest.jsonl").read_text())) == 4
-    assert sorted(p.name for p in split.iterdir()) == ["images", "results.csv", "results.json"]
+    assert sorted(p.name for p in split.iterdir()) == ["grid.png", "images", "results.csv", "results.json"]
 
     single = run_cli("eval", *EVAL_ARGS, "--unet", unet, "--output-dir", tmp_path / "single")
     assert single.exit_code == 0, single.stderr
@@ -190,7 +190,7 @@ def test_eval_splits_the_images_and_writes_one_set_of_results(recipe_launch, run
     assert len(events) == len(set(events))
     assert [line for line in launched if "metric" in line and "event" not in line] == \
         [line for line in alone if "metric" in line and "event" not in line]
-    assert launched[-1] == {"files": ["split/results.csv", "split/results.json"]}
+    assert launched[-1] == {"files": ["split/results.csv", "split/results.json", "split/grid.png"]}
     assert json.loads((split / "results.json").read_text())["results"] == \
         json.loads((tmp_path / "single" / "results.json").read_text())["results"]
     assert (split / "results.csv").read_text() == (tmp_path / "single" / "results.csv").read_text()

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from recare_cli.careset import (
     SelectionParams,
@@ -183,7 +184,6 @@ def test_prompt_style_follows_type_then_preset():
 
 @pytest.fixture
 def images(tmp_path):
-    from PIL import Image
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -240,6 +240,9 @@ def test_cli_builds_careset_and_report(run_cli, images, vocab_file, tmp_path):
     assert counts == sorted(counts, reverse=True) and 1 <= counts[0] <= 7
     means = [c["mean_residual"] for c in report["clusters"]]
     assert means == sorted(means)
+    assert payload["picture"] == str(out / "careset.png") and all(len(row["tsne"]) == 2 for row in report["tokens"])
+    with Image.open(out / "careset.png") as picture:
+        assert picture.format == "PNG" and picture.width > picture.height
 
 
 def test_cli_is_deterministic_and_refuses_to_overwrite(run_cli, images, vocab_file, tmp_path):

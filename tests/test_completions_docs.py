@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from recare_cli import devtools
 
@@ -108,3 +109,149 @@ def test_completion_and_help_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", program], env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False False"
+
+
+# README.md and docs/: the front door, links, commands as written, the site -----------------------
+
+README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+README_SECTIONS = ["Set up", "A typical session", "Commands", "Supported models", "Results", "Exit codes and errors",
+                   "Read more"]
+MAIN_JOB_GRID = DOCS / "images" / "main-job-grid.png"
+
+
+def _code_blocks(text: str, language: str = "bash") -> list[str]:
+    import re
+
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _documents() -> list[Path]:
+    """README.md and every page of the site, but not the generated command reference."""
+    return [README] + sorted(p for p in DOCS.rglob("*.md") if p != REPO_ROOT / devtools.DOCS_FILE)
+
+
+def test_readme_starts_with_the_two_setup_commands_ci_runs():
+    text = README.read_text(encoding="utf-8")
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert headings == README_SECTIONS
+    main_job, tests = [block.strip() for block in _code_blocks(text)[:2]]
+    ci = [line for line in (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line.strip()][-1]
+    assert tests == ci.strip()
+    assert main_job.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+                               "recare erase --model toy --concept star ")
+    assert "&& recare eval --model toy --unet runs/star --compare base --metric toy" in main_job
+    assert text.index(main_job) < text.index(tests) < text.index("## A typical session")
+
+
+def test_readme_is_a_short_front_door_with_the_main_jobs_picture():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    # The picture is the main job's eval grid, and the README says how to regenerate it from that job.
+    main_job = _code_blocks(text)[0]
+    assert "--output-dir runs/star-eval" in main_job and "--no-grid" not in main_job
+    assert f"]({MAIN_JOB_GRID.relative_to(REPO_ROOT)})" in text
+    assert f"cp runs/star-eval/grid.png {MAIN_JOB_GRID.relative_to(REPO_ROOT)}" in text
+    with Image.open(MAIN_JOB_GRID) as picture:
+        assert picture.format == "PNG" and picture.width >= 800
+    assert MAIN_JOB_GRID.stat().st_size < 1_000_000
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc anchor of a heading (what mkdocs links to)."""
+    import re
+    import unicodedata
+
+    text = re.sub(r"[`*]", "", heading)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_every_relative_link_and_anchor_resolves():
+    import re
+
+    for document in _documents():
+        text = document.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            assert resolved.exists(), f"{document.relative_to(REPO_ROOT)} links to missing {target}"
+            if anchor and resolved.suffix == ".md":
+                headings = [line.lstrip("#").strip() for line in resolved.read_text(encoding="utf-8").splitlines()
+                            if line.startswith("#")]
+                assert anchor in {_slug(h) for h in headings}, f"{document.relative_to(REPO_ROOT)}: no #{anchor} in {path}"
+
+
+def _recare_commands(block: str) -> list[list[str]]:
+    """The `recare …` command lines of a bash block, as argument lists (after `-m recare_cli` too)."""
+    import shlex
+
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        segment: list[str] = []
+        for token in list(lexer) + [";"]:
+            if token and set(token) <= set(";&|"):
+                if segment and segment[0] == "recare":
+                    commands.append(segment[1:])
+                elif "recare_cli" in segment and segment[segment.index("recare_cli") - 1] == "-m":
+                    commands.append(segment[segment.index("recare_cli") + 1:])
+                segment = []
+            else:
+                segment.append(token)
+    return commands
+
+
+def _parse(root, args: list[str]) -> None:
+    """Parse a command line as the CLI would, down to the subcommand, without running it."""
+    def remaining(ctx) -> list[str]:  # typer's own click keeps a group's subcommand in _protected_args
+        return list(getattr(ctx, "_protected_args", [])) + list(ctx.args)
+
+    ctx = root.make_context("recare", list(args))
+    command, rest = root, remaining(ctx)
+    while hasattr(command, "resolve_command") and rest:
+        name, command, rest = command.resolve_command(ctx, rest)
+        ctx = command.make_context(name, rest, parent=ctx)
+        rest = remaining(ctx)
+    assert not hasattr(command, "resolve_command") or command.invoke_without_command, f"`{' '.join(args)}` names no command"
+    assert not rest, f"unexpected arguments {rest}"
+
+
+def test_every_documented_command_parses_as_written():
+    import typer.main
+
+    from recare_cli.cli.app import app
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for document in _documents():
+        for block in _code_blocks(document.read_text(encoding="utf-8")):
+            for args in _recare_commands(block):
+                try:
+                    _parse(root, args)
+                except Exception as exc:  # noqa: BLE001 - name the page and the command
+                    raise AssertionError(f"{document.relative_to(REPO_ROOT)}: `recare {' '.join(args)}`: {exc}") from exc
+                checked += 1
+    assert checked >= 40  # the README and every guide show commands
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    nav = (REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for page in DOCS.rglob("*.md"):
+        assert f": {page.relative_to(DOCS).as_posix()}\n" in nav, f"{page.relative_to(REPO_ROOT)} is not in mkdocs.yml's nav"
+
+
+def test_the_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(REPO_ROOT / "mkdocs.yml"),
+         "--site-dir", str(tmp_path / "site")],
+        env=_env(NO_MKDOCS_2_WARNING="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site" / "guides" / "erase-nudity" / "index.html").is_file()

@@ -191,6 +191,8 @@ def test_run_directory_holds_every_output(finished_run, inputs, cache_dir):
     assert [(e["stage"], e["step"]) for e in losses] == [
         (s, i) for s in ("erase-0", "inversion-0", "erase-1", "inversion-1", "robust") for i in range(2)]
     assert {"erase_loss", "retain_loss"} <= set(losses[-1])
+    with Image.open(out / "losses.png") as picture:
+        assert picture.format == "PNG" and "losses.png" in manifest["outputs"]
 
     assert lookup_erased(cache_dir, result["cache_name"]) == out.resolve()
     assert resolve_unet(result["cache_name"]) == out.resolve() / "unet.safetensors"
@@ -302,13 +304,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(run_cli, inputs, tmp_path,
 
 def test_esd_is_one_erase_stage_and_same_seed_gives_identical_weights(run_cli, inputs, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--json"))
+    for out, extra in zip(outs, ([], ["--report-to", "tensorboard"])):  # tracking never changes the weights
+        result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--json", *extra))
         assert result.exit_code == 0, result.stderr
     first = json.loads(result.stdout.splitlines()[-1])
     assert list(first["stages"]) == ["erase-0"] and first["tokens"] == []
     assert not (outs[0] / "tokens.safetensors").exists() and not (outs[0] / "careset.json").exists()
     assert same_tensors(load(outs[0] / "unet.safetensors"), load(outs[1] / "unet.safetensors"))
+    assert not (outs[0] / "logs").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(outs[1] / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    logged = [json.loads(line) for line in (outs[1] / "losses.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("erase-0/loss")] == [
+        (e["step"], pytest.approx(e["loss"])) for e in logged]
+    samples = [tag for tag in events.Tags()["images"] if tag.startswith("erase-0/samples/")]
+    assert len(samples) == 2 and all(events.Images(tag)[0].width == 64 for tag in samples)
+
+    wrong = run_cli(*tiny_args(inputs, tmp_path / "d", "--method", "esd", "--report-to", "wandb"))
+    assert wrong.exit_code == 2 and "--report-to 'wandb'" in wrong.stderr and "tensorboard" in wrong.stderr
 
     result = run_cli(*tiny_args(inputs, tmp_path / "c", "--method", "esd", "--seed", "1"))
     assert result.exit_code == 0, result.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recare_cli import evaluate
+from recare_cli import evaluate, pictures
 from recare_cli.errors import RecareError
 from recare_cli.evaluate import EvalContext, Row
 from recare_cli.generate import GenerateSettings, PromptRow
@@ -135,7 +135,9 @@ def test_compare_base_shows_both_models_and_deltas(tmp_path, tiny_pipe, run_cli)
     rows = [line for line in lines if "metric" in line and "event" not in line]
     assert {(r["metric"], r["model"]) for r in rows} == {
         (m, label) for m in ("clipscore", "care") for label in ("erased", "base", "delta")}
-    assert lines[-1] == {"files": [str(out / "results.csv"), str(out / "results.json")]}
+    assert lines[-1] == {"files": [str(out / "results.csv"), str(out / "results.json"), str(out / "grid.png")]}
+    with Image.open(out / "grid.png") as grid:  # one prompt, a row per model
+        assert grid.format == "PNG" and grid.height > 2 * pictures.cell_size(64, 64)[1]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["base", "erased"]
     erased_png = np.asarray(Image.open(out / "images" / "erased" / "a_cat_on_a_sofa_0.png"))
     base_png = np.asarray(Image.open(out / "images" / "base" / "a_cat_on_a_sofa_0.png"))
@@ -152,7 +154,7 @@ def test_compare_base_shows_both_models_and_deltas(tmp_path, tiny_pipe, run_cli)
     # A rerun keeps the images and refuses to replace the results unless told to.
     mtime = (out / "images" / "base" / "a_cat_on_a_sofa_0.png").stat().st_mtime_ns
     again = run_cli(*args)
-    assert again.exit_code == 2 and "results.csv' already exists" in again.stderr and "--overwrite" in again.stderr
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     human = run_cli(*args, "--overwrite")
     assert human.exit_code == 0, human.stderr
     assert "care: base → erased (delta)" in human.stdout and "→" in human.stdout

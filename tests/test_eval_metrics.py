@@ -72,6 +72,7 @@ def test_nudity_hands_nudenet_bgr_and_reports_asr(tmp_path, run_cli):
     images = per_image(out, "nudity")
     assert images["cartoon.png"]["female_breast_exposed"] == from_file
     assert images["cartoon.png"]["unsafe"] == 1 and images["noise_0.png"]["unsafe"] == 0
+    assert images["cartoon.png"]["verdict"] == "unsafe" and images["noise_0.png"]["verdict"] == "safe"
     assert set(images["noise_0.png"]) >= {c.lower() for c in
                                           ("BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "MALE_GENITALIA_EXPOSED")}
     assert summary(out, "nudity") | {"detail": False} == {

@@ -241,6 +241,12 @@ def test_toy_metric_scores_the_concepts_a_prompt_names(run_cli, tmp_path):
     assert set(rows) == {"star", "night"}
     assert rows["star"]["appears_pct"] >= 75 and rows["night"]["appears_pct"] >= 75
     assert {r["images"] for r in rows.values()} == {4}  # the target named in the prompt is counted once
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    verdicts = [(r["shape"], r["background"], r["verdict"]) for r in results if r["detail"]]
+    assert len(verdicts) == 4 and all(
+        verdict == f"star: {'yes' if shape == 'star' else 'no'}, night: {'yes' if background == 'night' else 'no'}"
+        for shape, background, verdict in verdicts)
+    assert (tmp_path / "eval" / "grid.png").is_file()
     bad = run_cli("eval", "--model", "toy", "--metric", "toy", "--target", "dog", "--prompt", "a dog",
                   "--output-dir", tmp_path / "bad")
     assert bad.exit_code == 2 and "not a toy-world concept" in bad.stderr

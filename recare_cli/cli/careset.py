@@ -22,7 +22,7 @@ def careset(
     concept: Annotated[str, typer.Option(help="The reference word of the concept, e.g. nudity or 'Van Gogh'.")],
     images: Annotated[Path, typer.Option(help="Folder of images that contain the concept (png/jpg/jpeg)."
                                       " Unreadable, truncated or oversized (decompression-bomb) images are skipped with a warning, before any work starts.")],
-    output_dir: Annotated[Path, typer.Option(help="Where careset.json and careset.report.json go.")],
+    output_dir: Annotated[Path, typer.Option(help="Where careset.json, careset.report.json and careset.png (the t-SNE map) go.")],
     prompt_style: Annotated[Optional[PromptStyle], typer.Option(
         help="Retain prompts 'A photo of w' (photo) or 'A painting of w' (style). "
              "Default: from --type, else from the concept (nudity: photo, Van Gogh: style), else photo.")] = None,
@@ -73,11 +73,12 @@ def careset(
                           escape(tokens + refined), f"[{colour}]{cluster['status']}[/]")
         console.print(table)
         console.print(f"[bold]{len(report['words'])} words:[/] {escape(', '.join(report['words']))}", highlight=False)
-        console.print(f"→ {escape(str(result.path))}  (details: {escape(str(result.report_path))})", highlight=False)
+        console.print(f"→ {escape(str(result.path))}  (details: {escape(str(result.report_path))}, "
+                      f"map: {escape(str(result.picture_path))})", highlight=False)
 
     reporter.result(
-        {"careset": str(result.path), "report": str(result.report_path), "key": report["key"],
-         "prompt_style": style, "words": report["words"], "anchor": result.anchor, "retain": result.retain,
+        {"careset": str(result.path), "report": str(result.report_path), "picture": str(result.picture_path),
+         "key": report["key"], "prompt_style": style, "words": report["words"], "anchor": result.anchor, "retain": result.retain,
          "removed_clusters": report["removed_clusters"], "refined_away": report["refined_away"],
          "images_used": report["images"]["used"], "images_skipped": len(report["images"]["skipped"])},
         render=render,

@@ -97,6 +97,10 @@ def erase(
     output_dir: Annotated[Optional[Path], typer.Option(
         help="Run directory (default runs/<concept>-<method>-<hash>); rerunning resumes it.",
         rich_help_panel=SPEED)] = None,
+    report_to: Annotated[Optional[str], typer.Option(
+        help="tensorboard: log every step's losses and 2 sample images per concept after each training stage to "
+             "<run dir>/logs (needs the tensorboard package; view with tensorboard --logdir runs/).",
+        rich_help_panel=SPEED)] = None,
 ) -> None:
     """Erase concepts from the model; a rerun of the same command resumes where it stopped.
 
@@ -124,7 +128,7 @@ def erase(
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
         apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
-        output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
+        report_to=report_to, output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter

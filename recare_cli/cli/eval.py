@@ -44,7 +44,10 @@ def evaluate(
         help="Where results.csv, results.json and the generated images (images/<model>/) go.")] = ...,
     compare: Annotated[Optional[str], typer.Option(
         help="Also evaluate this model and show deltas: 'base' (--model without --unet) or a model like --model's.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace results.csv/results.json from an earlier run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace results.csv/results.json/grid.png from an earlier run.")] = False,
+    grid: Annotated[bool, typer.Option(
+        help="Write grid.png: per prompt, a row of images per model with each image's verdict "
+             "(the first 10 prompts, 8 images each).")] = True,
     prompt: Annotated[Optional[list[str]], typer.Option(
         "--prompt", "-p", help="A prompt to generate images of (repeatable).", rich_help_panel=GENERATION)] = None,
     prompts_file: Annotated[Optional[Path], _generation(
@@ -90,7 +93,7 @@ def evaluate(
 ) -> None:
     """Evaluate an (erased) model: CARE score, nudity, object, style, FID, CLIP score, toy world.
 
-    Results: a table, results.csv and results.json. Verdicts never change the exit code.
+    Results: a table, results.csv, results.json and grid.png. Verdicts never change the exit code.
     Under `accelerate launch` the processes split the image generation; the main one measures and
     writes the results (docs/multi-gpu.md).
     With --attack, each table reads `plain → under attack (delta)` per model, and the adversarial
@@ -113,7 +116,7 @@ def evaluate(
         metric or [], runtime, output_dir, unet=unet, images_dir=images, compare=compare, prompts=prompts,
         num_images=num_images, seed=seed,
         generation=GenerateSettings(steps=steps, guidance=guidance, height=height, width=width, batch_size=batch_size),
-        options=options, overwrite=overwrite, reporter=reporter, attack=attack,
+        options=options, overwrite=overwrite, reporter=reporter, attack=attack, grid=grid,
         attack_settings=AttackSettings(attack_steps, attack_tokens, attack_lr, attack_seed, attack_images),
     )
     if not report.main_process:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recare_cli.erase.tracking import Tracker
 from recare_cli.errors import RecareError
 from recare_cli.fsutil import json_text, write_safetensors, write_text
 from recare_cli.models import non_finite
@@ -109,7 +110,7 @@ def _unpack(tensors: dict, state: dict, params: dict, optimizer, buffers: list) 
 
 class StageLoop:
     def __init__(self, run_dir: Path, stage: str, total: int, seed: int, checkpoint_every: int,
-                 reporter: Reporter = QUIET_REPORTER, task=None):
+                 reporter: Reporter = QUIET_REPORTER, task=None, tracker: Tracker | None = None):
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.total = total
@@ -117,6 +118,7 @@ class StageLoop:
         self.checkpoint_every = checkpoint_every
         self.reporter = reporter
         self.task = task
+        self.tracker = tracker or Tracker()
         self._params: dict = {}
         self._optimizer = None
         self._buffers: list = []
@@ -199,6 +201,7 @@ class StageLoop:
             )
         with open(self.run_dir / LOSS_LOG, "a", encoding="utf-8") as log:
             log.write(json_text({"stage": self.stage, "step": step, **values}, undefined_as_null=True) + "\n")
+        self.tracker.log_losses(self.stage, step, values)
         if self.task is not None:
             self.task.advance(1, loss=values["loss"])
         done = step + 1
@@ -228,3 +231,4 @@ class StageLoop:
         write_safetensors(path, tensors, metadata)
         self.checkpoint_path.unlink(missing_ok=True)
         (self.run_dir / LEGACY_CHECKPOINT).unlink(missing_ok=True)
+        self.tracker.stage_done(self.stage, self.total)

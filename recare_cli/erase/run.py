@@ -39,7 +39,7 @@ IMAGES_DIR = "images"
 METHODS = ("recare", "esd")
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
-NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab")
+NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command", "images", "careset", "care_vocab")
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
@@ -83,6 +83,7 @@ class EraseRequest:
     clip_pretrained: str = "openai"
     checkpoint_every: int = 100
     save_pt: bool = False
+    report_to: str | None = None  # "tensorboard": losses and sample images under <run dir>/logs
     output_dir: Path | None = None
     command: str | None = None
 
@@ -100,6 +101,7 @@ class EraseResult:
 
 def check_request(request: EraseRequest) -> list[ConceptPlan]:
     from recare_cli.erase.params import check_train_method
+    from recare_cli.erase.tracking import check_report_to
 
     if request.method not in METHODS:
         raise UsageError(f"unknown --method '{request.method}'", hint=f"choose one of {', '.join(METHODS)}")
@@ -110,6 +112,7 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
     if repeated is not None:
         raise UsageError(f"concept '{repeated}' is given twice", hint="name each concept once")
     check_train_method(request.train_method)
+    check_report_to(request.report_to)
     if len(request.erase_from) not in (0, 1, len(request.concepts)):
         raise UsageError(f"--erase-from given {len(request.erase_from)} times for {len(request.concepts)} concepts",
                          hint="give it once (for every --concept) or once per --concept, in the same order")
@@ -270,6 +273,10 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
             tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
                             careset if is_recare else None)
             unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
+        from recare_cli.erase.loop import LOSS_LOG
+        from recare_cli.pictures import LOSSES_FILE, plot_losses
+
+        plot_losses(run_dir / LOSS_LOG, run_dir / LOSSES_FILE)
     except BaseException as exc:
         # A stopped run must not look like one still in progress.
         stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
@@ -442,6 +449,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     from recare_cli.erase.params import select_trainable
     from recare_cli.erase.stage1 import EraseSettings, erase_stage
     from recare_cli.erase.stage2 import robust_erase_stage
+    from recare_cli.erase.tracking import make_tracker
 
     knobs = GuidanceKnobs(request.apg_eta, request.apg_norm_threshold, request.apg_momentum)
     trainable = select_trainable(models.unet, request.train_method)
@@ -451,8 +459,11 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     concepts = [p.concept for p in plans]
     tokens: list[tuple[str, object]] = []
 
+    tracker = make_tracker(request.report_to, run_dir, models, [p.image_prompt for p in plans], request.resolution,
+                           request.seed)
+
     def loop(name: str, total: int, task) -> StageLoop:
-        return StageLoop(run_dir, name, total, request.seed, request.checkpoint_every, reporter, task)
+        return StageLoop(run_dir, name, total, request.seed, request.checkpoint_every, reporter, task, tracker)
 
     rounds = request.rounds if request.method == "recare" else 1
     erase_settings = EraseSettings(request.iterations, request.stage1_lr, request.negative_guidance,
@@ -509,6 +520,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
                 stage_loop = loop(name, request.iterations, task)
                 robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
                 stage_loop.save_stage(done, trainable)
+    tracker.close()
     return tokens
 
 

@@ -65,7 +65,8 @@ def topk_hit_rows(images: list[EvalImage], logits, labels: list[str], target: in
     rows = []
     for image, top in zip(images, ranked):
         rows.append(Row({"image": image.file},
-                        {"top1_class": labels[top[0]], "hit_top1": int(top[0] == target), f"hit_top{k}": int(target in top)},
+                        {"top1_class": labels[top[0]], "hit_top1": int(top[0] == target), f"hit_top{k}": int(target in top),
+                         "verdict": f"{'hit' if target in top else 'miss'} (top-1: {labels[top[0]]})"},
                         detail=True))
     count = len(rows)
     rows.append(Row({"target": labels[target]}, {

@@ -45,11 +45,14 @@ def run(ctx: EvalContext) -> list[Row]:
     rows, hits = [], {}
     for i, image in enumerate(images):
         seen = {head: labels[head][i] for head in labels}
-        rows.append(Row({"image": image.file}, dict(seen), detail=True))
+        judged = {}
         for concept in dict.fromkeys(named_concepts(image.prompt, heads) + ([target.lower()] if target else [])):
+            judged[concept] = seen[heads[concept]] == concept
             key = (image.prompt or "", concept)
             found, total = hits.get(key, (0, 0))
-            hits[key] = (found + int(seen[heads[concept]] == concept), total + 1)
+            hits[key] = (found + int(judged[concept]), total + 1)
+        verdict = ", ".join(f"{concept}: {'yes' if present else 'no'}" for concept, present in judged.items())
+        rows.append(Row({"image": image.file}, {**seen, "verdict": verdict}, detail=True))
     for (prompt, concept), (found, total) in hits.items():
         rows.append(Row({"prompt": prompt, "concept": concept},
                         {"appears_pct": 100.0 * found / total, "images": total}))
