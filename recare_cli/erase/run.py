@@ -1,9 +1,9 @@
 """An erase run: inputs, the run directory, stage order, resume, outputs and registration.
 
 Run directory (read by `export`, `eval` and `generate --unet`):
-    unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…)
+    unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…); every method
     tokens.safetensors         learned tokens, keyed by token string (metadata: tokens, initializer); recare only
-    careset.json               the CARE set used; recare only
+    careset.json               the CARE set used; recare, and uce --preserve careset
     recare-run.json            manifest: command, parameters, seeds, versions, input hashes, stage timings
     losses.jsonl               one line per training step
     images/<concept>/          generated training images (when --images is not given)
@@ -34,7 +34,14 @@ CARESET_FILE = "careset.json"
 PT_FILE = "ReCARE-Diffusers-UNet.pt"
 STAGES_DIR = "stages"
 IMAGES_DIR = "images"
-METHODS = ("recare", "esd")
+METHODS = ("recare", "esd", "uce")
+# Defaults that differ by method; a field left at None takes its method's value (with_method_defaults).
+METHOD_DEFAULTS = {
+    "recare": {"negative_guidance": 2.0, "stage1_lr": 0.5e-5},  # recare-method.md §3-4
+    "esd": {"negative_guidance": 1.0, "stage1_lr": 2e-5},  # esd_diffusers.py: eta 1, Adam lr 2e-5
+    "uce": {"negative_guidance": 1.0, "stage1_lr": 2e-5},  # never read: UCE does not train
+}
+CARESET_PRESERVE = "careset"  # `--preserve careset`: UCE keeps the CARE set's words
 AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
@@ -44,6 +51,12 @@ NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", 
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
                "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "num_images",
                "center_crop", "clip_model", "clip_pretrained")
+UCE_ONLY = ("preserve", "guide", "uce_erase_scale", "uce_preserve_scale", "uce_lamb", "uce_expand")
+# What a UCE edit never reads (it trains nothing); the CARE set's inputs count only with --preserve careset.
+NOT_UCE = ("train_method", "iterations", "negative_guidance", "stage1_lr", "stage2_lr", "ti_lr", "ti_steps",
+           "rounds", "num_adv_concepts", "compositional_guidance_scale", "initializer_token", "center_crop",
+           "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum", "erase_from", "resolution")
+CARESET_INPUTS = ("care_top_k", "care_top_n", "num_images", "clip_model", "clip_pretrained", "resolution")
 
 
 @dataclass
@@ -56,8 +69,8 @@ class EraseRequest:
     concept_type: str | None = None
     train_method: str = "noxattn"
     iterations: int = 200
-    negative_guidance: float = 2.0
-    stage1_lr: float = 0.5e-5
+    negative_guidance: float | None = None  # recare: stage 1's g (2); esd: eta (1)
+    stage1_lr: float | None = None  # recare: stage 1's AdamW rate; esd: its Adam rate
     stage2_lr: float = 2e-5
     ti_lr: float = 5e-3
     ti_steps: int = 3000
@@ -83,7 +96,25 @@ class EraseRequest:
     checkpoint_every: int = 100
     save_pt: bool = False
     output_dir: Path | None = None
+    # UCE (recare_cli/erase/uce.py); defaults of uce_sd_erase.py
+    preserve: list[str] = field(default_factory=list)  # words, or ["careset"]
+    guide: str | None = None  # None: "" for objects, "art" for styles
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float = 1.0
+    uce_lamb: float = 0.5
+    uce_expand: bool = False
     command: str | None = None
+
+
+def with_method_defaults(request: EraseRequest) -> EraseRequest:
+    """`request` with its method's defaults for every method-dependent field still unset."""
+    defaults = METHOD_DEFAULTS.get(request.method, METHOD_DEFAULTS["recare"])
+    return replace(request, **{k: v for k, v in defaults.items() if getattr(request, k) is None})
+
+
+def uses_careset(request: EraseRequest) -> bool:
+    """Does the run read a CARE set (and so training images)?"""
+    return request.method == "recare" or (request.method == "uce" and CARESET_PRESERVE in request.preserve)
 
 
 @dataclass
@@ -102,6 +133,7 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
 
     if request.method not in METHODS:
         raise UsageError(f"unknown --method '{request.method}'", hint=f"choose one of {', '.join(METHODS)}")
+    request = with_method_defaults(request)
     if not request.concepts:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
     check_train_method(request.train_method)
@@ -130,6 +162,13 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
     for flag, lr in (("--stage1-lr", request.stage1_lr), ("--stage2-lr", request.stage2_lr), ("--ti-lr", request.ti_lr)):
         if lr <= 0:
             raise UsageError(f"{flag} must be positive (got {lr})")
+    if request.method == "uce":
+        from recare_cli.erase.uce import check_uce_request
+
+        check_uce_request(request)
+    elif request.preserve or request.guide is not None:
+        raise UsageError(f"--preserve and --guide are options of --method uce, not {request.method}",
+                         hint="leave them out, or pass --method uce")
     plans = [plan_concept(c, request.concept_type, request.initializer_token) for c in dict.fromkeys(request.concepts)]
     if len({p.concept_type for p in plans}) > 1:
         listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)
@@ -158,10 +197,10 @@ def input_hashes(request: EraseRequest) -> dict:
     from recare_cli.fsutil import list_images
 
     hashes = {}
-    if request.method != "recare":
+    if not uses_careset(request):
         if request.images is not None:
             list_images(request.images)  # a bad --images is still a mistake worth telling
-        return hashes  # ESD trains on prompts alone: no image or CARE-set input can change its weights
+        return hashes  # ESD and plain UCE read prompts alone: no image or CARE-set input can change the weights
     if request.images is not None:
         digest = hashlib.sha256()
         for image in list_images(request.images):
@@ -183,7 +222,13 @@ def parameters(request: EraseRequest) -> dict:
 
 
 def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> str:
-    ignored = NOT_HASHED + (RECARE_ONLY if request.method == "esd" else ())
+    ignored = NOT_HASHED
+    if request.method == "esd":
+        ignored += RECARE_ONLY
+    if request.method == "uce":
+        ignored += tuple(f for f in NOT_UCE + RECARE_ONLY if not (uses_careset(request) and f in CARESET_INPUTS))
+    else:
+        ignored += UCE_ONLY
     hashed = {k: v for k, v in parameters(request).items() if k not in ignored}
     payload = {"parameters": hashed, "model": [model["model"], model["revision"]],
                "dtype": dtype, "inputs": hashes}
@@ -234,11 +279,13 @@ class Stages:
 def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIET_REPORTER) -> EraseResult:
     from recare_cli.models import library_versions
 
+    request = with_method_defaults(request)  # the manifest records the values used
     plans = check_request(request)
     is_recare = request.method == "recare"
+    with_careset = uses_careset(request)
     concepts = [p.concept for p in plans]
     careset_given = None
-    if is_recare and request.careset is not None:
+    if with_careset and request.careset is not None:
         careset_given = _read_careset(Path(request.careset))
     hashes = input_hashes(request)  # also checks that --images holds images
     ref = runtime.resolve()
@@ -267,17 +314,22 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
         manifest["stages"] = record
         write_json(run_dir / MANIFEST, manifest)
 
-    # ESD trains on prompts alone: only ReCARE's inversion and CARE set need images.
-    need_images = is_recare and request.images is None
-    stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
+    # Only ReCARE's inversion and a CARE set still to build need images (ESD and UCE read prompts).
+    need_images = with_careset and request.images is None and (is_recare or careset_given is None)
+    stage_names = _stage_names(request, need_images=need_images, need_careset=with_careset and careset_given is None)
     stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
     with stages.outer():
-        images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter) if is_recare else {}
-        if is_recare:
+        images_dirs = {}
+        if with_careset and (need_images or request.images is not None):
+            images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter)
+        careset = None
+        if with_careset:
             careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
             _write_careset(run_dir, request, careset, plans)
-        tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
-                        careset if is_recare else None)
+        if request.method == "uce":
+            tokens = _edit_uce(request, plans, models, stages, careset)
+        else:
+            tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter, careset)
         unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
     manifest["status"] = "complete"
     manifest["outputs"] = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
@@ -326,8 +378,10 @@ def _previous_manifest(run_dir: Path, digest: str) -> dict:
 def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -> list[str]:
     names = ["images"] if need_images else []
     if request.method == "esd":
-        return names + ["erase-0"]
+        return names + ["esd"]
     names += ["careset"] if need_careset else []
+    if request.method == "uce":
+        return names + ["uce"]
     for r in range(request.rounds):
         names += [f"erase-{r}", f"inversion-{r}"]
     return names + ["robust"]
@@ -452,11 +506,13 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     def loop(name: str, total: int, task) -> StageLoop:
         return StageLoop(run_dir, name, total, request.seed, request.checkpoint_every, reporter, task)
 
-    rounds = request.rounds if request.method == "recare" else 1
+    if request.method == "esd":
+        _train_esd(request, models, trainable, stages, stage_dir, loop)
+        return []
     erase_settings = EraseSettings(request.iterations, request.stage1_lr, request.negative_guidance,
                                    request.resolution, request.prefix_steps, knobs)
     images = sorted({img for folder in dict.fromkeys(images_dirs.values()) for img in list_images(folder)})
-    for r in range(rounds):
+    for r in range(request.rounds):
         name = f"erase-{r}"
         done = stage_dir / f"{name}.safetensors"
         if done.is_file():
@@ -470,8 +526,6 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
                 erase_stage(models, trainable, targets, erase_settings, stage_loop, erase_from)
                 _save_tensors(done, trainable)
                 stage_loop.finish()
-        if request.method == "esd":
-            break
 
         name = f"inversion-{r}"
         done = stage_dir / f"{name}.safetensors"
@@ -494,23 +548,56 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             stage_loop.finish()
         tokens.append((token, learned))
 
-    if request.method == "recare":
-        name = "robust"
-        done = stage_dir / f"{name}.safetensors"
-        if done.is_file():
-            load_into(trainable, _load_tensors(done)[0])
-            stages.reused(name)
-        else:
-            load_into(trainable, original)
-            erase_list = concepts + [t for t, _ in tokens[: request.num_adv_concepts]]
-            settings = EraseSettings(request.iterations, request.stage2_lr, request.compositional_guidance_scale,
-                                     request.resolution, request.prefix_steps, knobs)
-            with stages.stage(name, request.iterations) as task:
-                stage_loop = loop(name, request.iterations, task)
-                robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
-                _save_tensors(done, trainable)
-                stage_loop.finish()
+    name = "robust"
+    done = stage_dir / f"{name}.safetensors"
+    if done.is_file():
+        load_into(trainable, _load_tensors(done)[0])
+        stages.reused(name)
+    else:
+        load_into(trainable, original)
+        erase_list = concepts + [t for t, _ in tokens[: request.num_adv_concepts]]
+        settings = EraseSettings(request.iterations, request.stage2_lr, request.compositional_guidance_scale,
+                                 request.resolution, request.prefix_steps, knobs)
+        with stages.stage(name, request.iterations) as task:
+            stage_loop = loop(name, request.iterations, task)
+            robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
+            _save_tensors(done, trainable)
+            stage_loop.finish()
     return tokens
+
+
+def _train_esd(request, models, trainable: dict, stages: Stages, stage_dir: Path, loop) -> None:
+    """The published ESD: one stage, one (concept, erase-from) pair per iteration."""
+    from recare_cli.erase.context import load_into
+    from recare_cli.erase.esd import EsdSettings, esd_stage
+
+    concepts = list(dict.fromkeys(request.concepts))
+    done = stage_dir / "esd.safetensors"
+    if done.is_file():
+        load_into(trainable, _load_tensors(done)[0])
+        stages.reused("esd")
+        return
+    settings = EsdSettings(request.iterations, request.stage1_lr, request.negative_guidance,
+                           request.resolution, request.prefix_steps)
+    with stages.stage("esd", request.iterations) as task:
+        stage_loop = loop("esd", request.iterations, task)
+        esd_stage(models, trainable, concepts, erase_from_prompts(request), settings, stage_loop)
+        _save_tensors(done, trainable)
+        stage_loop.finish()
+
+
+def _edit_uce(request, plans, models, stages: Stages, careset) -> list:
+    """UCE's closed-form edit of every cross-attention key/value projection; no tokens."""
+    from recare_cli.erase.uce import UceSettings, uce_edit
+
+    preserve = [w for w in request.preserve if w != CARESET_PRESERVE]
+    if careset is not None:
+        preserve += careset.words()
+    settings = UceSettings(request.uce_erase_scale, request.uce_preserve_scale, request.uce_lamb, request.uce_expand)
+    with stages.stage("uce", None):
+        uce_edit(models, [p.concept for p in plans], plans[0].concept_type, list(dict.fromkeys(preserve)),
+                 request.guide, settings)
+    return []
 
 
 def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
