@@ -393,15 +393,26 @@ def measure_all(args, reporter) -> None:
 
 
 def claim(out: Path, name: str) -> bool:
-    """True for the one process that gets to measure `name` (not measured, not being measured)."""
+    """True for the one process that gets to measure `name` (not measured, not being measured).
+
+    The lock file holds the measuring process's id; a lock whose process is gone (killed) is stale.
+    """
     import os
 
     if (out / f"{name}.json").is_file():
         return False
+    lock = out / f"{name}.lock"
     try:
-        os.close(os.open(out / f"{name}.lock", os.O_CREAT | os.O_EXCL))
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return False
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return claim(out, name)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
     return True
 
 

@@ -33,7 +33,7 @@ class RecordingLoop:
         return 0
 
     def step_done(self, step, **losses):
-        self.losses.append(float(losses["loss"]))
+        self.losses.append(float(losses["loss"].detach()))
 
 
 # ESD ------------------------------------------------------------------------------------------

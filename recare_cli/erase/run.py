@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from recare_cli.erase.denoise import NSTEPS
+from recare_cli.erase.inputs import (
+    CARESET_FILE, IMAGES_DIR, STAGES_DIR, build_careset_for, read_careset_file, training_images, write_careset,
+)
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, write_json
 from recare_cli.models import TOKENS_FILE, Runtime
@@ -30,10 +32,7 @@ from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
 MANIFEST = "recare-run.json"
-CARESET_FILE = "careset.json"
 PT_FILE = "ReCARE-Diffusers-UNet.pt"
-STAGES_DIR = "stages"
-IMAGES_DIR = "images"
 METHODS = ("recare", "esd", "uce")
 # Defaults that differ by method; a field left at None takes its method's value (with_method_defaults).
 METHOD_DEFAULTS = {
@@ -286,7 +285,7 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     concepts = [p.concept for p in plans]
     careset_given = None
     if with_careset and request.careset is not None:
-        careset_given = _read_careset(Path(request.careset))
+        careset_given = read_careset_file(Path(request.careset))
     hashes = input_hashes(request)  # also checks that --images holds images
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
@@ -321,11 +320,11 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     with stages.outer():
         images_dirs = {}
         if with_careset and (need_images or request.images is not None):
-            images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter)
+            images_dirs = training_images(request, plans, run_dir, runtime, models, stages, reporter)
         careset = None
         if with_careset:
-            careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
-            _write_careset(run_dir, request, careset, plans)
+            careset = careset_given or build_careset_for(request, plans, images_dirs, run_dir, runtime, stages, reporter)
+            write_careset(run_dir, request, careset, plans)
         if request.method == "uce":
             tokens = _edit_uce(request, plans, models, stages, careset)
         else:
@@ -397,87 +396,6 @@ def _load_models(runtime: Runtime, request: EraseRequest):
     # Trained weights stay in float32; --dtype fp16/bf16 selects autocast for the forwards.
     pipe, _, _ = replace(runtime, dtype="fp32").pipeline(device=device)
     return EraseModels.from_pipeline(pipe, device, getattr(torch, autocast) if autocast else None)
-
-
-# inputs: images and CARE set ---------------------------------------------------------------
-
-def _training_images(request, plans, run_dir: Path, runtime: Runtime, models, stages: Stages, reporter) -> dict[str, Path]:
-    """Concept -> its image folder: --images for all, or generated into the run directory."""
-    if request.images is not None:
-        return {p.concept: Path(request.images) for p in plans}
-    import torch
-
-    from recare_cli.generate import GenerateSettings, PromptRow, generate
-    from recare_cli.models import resolve_dtype
-
-    # Images are rendered in the run's dtype; when that is the training weights' float32 (the CPU
-    # default), the pipeline already loaded for training renders them: one load, one copy in memory.
-    same_dtype = resolve_dtype(runtime.dtype, models.device) == torch.float32
-
-    folders = {p.concept: run_dir / IMAGES_DIR / slug(p.concept) for p in plans}
-    # Once the stage has finished, a rerun keeps its recorded time and only fills in images that
-    # have gone missing since (generate skips the ones present).
-    finished = "images" in stages.record
-    with nullcontext() if finished else stages.stage("images", total=None):
-        for plan in plans:
-            generate([PromptRow(plan.image_prompt)], folders[plan.concept], runtime,
-                     GenerateSettings(height=request.resolution, width=request.resolution),
-                     num_images=request.num_images, seed=request.seed, reporter=reporter,
-                     pipe=models.pipe if same_dtype else None)
-    if finished:
-        stages.reused("images")
-    return folders
-
-
-def _read_careset(path: Path):
-    from recare_cli.careset import read_careset
-
-    return read_careset(path)
-
-
-def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
-    from recare_cli.clip import default_clip_model
-
-    return request.clip_model or default_clip_model(runtime.model)
-
-
-def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages: Stages, reporter):
-    """One CARE set per concept from its images (reused when already built), merged into one."""
-    from recare_cli.careset import CareSet, build_careset
-    from recare_cli.clip import load_clip
-
-    existing = run_dir / CARESET_FILE
-    if existing.is_file():
-        stages.reused("careset")
-        return _read_careset(existing)
-    anchors, retains, keys = [], [], []
-    with stages.stage("careset", total=None):
-        clip = load_clip(_clip_model(request, runtime), request.clip_pretrained, cache_dir=runtime.cache_dir,
-                         offline=runtime.offline, device=runtime.torch_device())
-        for plan in plans:
-            built = build_careset(
-                plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
-                prompt_style=plan.care_style, clip=clip, vocab_file=request.care_vocab,
-                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed,
-                cache_dir=runtime.cache_dir, reporter=reporter,
-            )
-            careset = _read_careset(Path(built.path))
-            anchors += careset.anchor
-            retains += careset.retain
-            keys.append(careset.key)
-    return CareSet(anchor=list(dict.fromkeys(anchors)), retain=list(dict.fromkeys(retains)), key="_".join(keys))
-
-
-def _write_careset(run_dir: Path, request: EraseRequest, careset, plans) -> None:
-    """careset.json in the run directory: the user's file as given, or the built one."""
-    target = run_dir / CARESET_FILE
-    if request.careset is not None:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(request.careset, tmp)
-    elif not target.is_file():
-        retain_kind = "painting" if plans[0].care_style == "style" else "photo"
-        write_json(target, {f"{careset.key}_care_word": careset.anchor,
-                            f"{careset.key}_care_word_{retain_kind}": careset.retain})
 
 
 # training ----------------------------------------------------------------------------------------
