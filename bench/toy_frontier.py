@@ -286,7 +286,8 @@ def seconds(model: dict) -> float | None:
     if model["run"] is None:
         return None
     stages = json.loads((Path(model["run"]) / "recare-run.json").read_text()).get("stages", {})
-    return round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    total = sum(v.get("seconds", 0) for v in stages.values())
+    return round(total, 1) if total else None  # a snapshot of a run that has not finished a stage
 
 
 def edit_uce(runs: Path, reporter) -> None:
