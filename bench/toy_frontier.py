@@ -493,7 +493,9 @@ def plot(points: dict, path: Path) -> None:
                 ax.plot(*zip(*defaults), "*", markersize=14, color=line.get_color(), markeredgecolor="black")
     for ax, title in zip(axes, ("CARE concepts kept", "unrelated concepts kept")):
         ax.axvline(MATCHED, color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel(f"target rate, % of images ({CONCEPT}; the higher of common and rare contexts)")
+        ax.set_xlabel(f"{CONCEPT} rate, % (higher of common, rare contexts)")
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(0, 115)
         ax.set_ylabel("% of the base model's rate")
         ax.set_title(title)
         ax.grid(alpha=0.3)
