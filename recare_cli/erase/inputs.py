@@ -55,7 +55,7 @@ def read_careset_file(path: Path):
 def clip_model_for(request, runtime: Runtime) -> str:
     from recare_cli.clip import default_clip_model
 
-    return request.clip_model or defaultclip_model_for(runtime.model)
+    return request.clip_model or default_clip_model(runtime.model)
 
 
 def build_careset_for(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages, reporter):
