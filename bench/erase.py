@@ -2,15 +2,16 @@
 
 CPU mode (default) runs the whole ReCARE pipeline on `tiny-random` with the reference figure's
 settings (shared/spec/tiny-random.md): 10 erase iterations, 150 inversion steps, 2 rounds,
-2 adversarial concepts, 8 training images at 512 px, a 3-word CARE set. The targets are ratios
-to the reference's wall time on the same machine: <= 0.45 for the exact method, <= 0.30 with
---prefix-steps 10. The spec's 133.8 s was timed on a CPU where a batch-2 UNet forward took ~27 ms;
+2 adversarial concepts, 8 training images at 512 px, a 3-word CARE set (bench/bench_setting.py).
+The targets are ratios to the reference's wall time on the same machine: <= 0.25 for the exact
+method, <= 0.18 with --prefix-steps 10. The spec's 133.8 s was timed on a CPU where a batch-2 UNet forward took ~27 ms;
 `--side-by-side` first times the reference's structure here (bench/reference_structure.py) and
 uses that as the denominator.
 
     python bench/erase.py                     # exact method (--prefix-steps 50)
     python bench/erase.py --prefix-steps 10   # the coarser partial-denoising prefix
     python bench/erase.py --side-by-side      # the reference's structure, then ours, on this machine
+    python bench/erase.py --side-by-side --prefix-steps 50,10   # one reference timing, both of ours
 
 GPU mode builds SD-1.4-shaped UNet / VAE / text encoder from their published configs with random
 weights (nothing is downloaded) and runs the default recipe (200 iterations, 3000 inversion steps,
@@ -34,31 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_setting import SETTINGS, forward_ms, write_inputs  # bench/, the script's own folder
+
 REFERENCE_SECONDS = 133.8
 REFERENCE_FORWARD_MS = 27.0  # one batch-2 UNet forward on 64x64 latents where the reference was timed
-CARESET = {"bench_care_word": ["A man", "A tree", "A beach"],
-           "bench_care_word_photo": ["A photo of man", "A photo of tree", "A photo of beach"]}
-
-
-def write_inputs(folder: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
-    """Synthetic training images (smooth colour fields, fixed seed) and a 3-word CARE set."""
-    import numpy as np
-    from PIL import Image
-
-    images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    grid = np.linspace(0, 1, resolution, dtype=np.float32)
-    for i in range(num_images):
-        colours = rng.uniform(0, 255, (3, 3))
-        pixels = (colours[0] * grid[:, None, None] + colours[1] * grid[None, :, None]
-                  + colours[2] * (1 - grid[:, None, None])) / 2
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images / f"train_{i}.png")
-    careset = folder / "careset.json"
-    careset.write_text(json.dumps(CARESET))
-    return images, careset
-
-
 # SD-1.4-shaped models ---------------------------------------------------------------------------
 
 def sd14_configs(dry_run: bool) -> dict:
@@ -110,7 +90,7 @@ def build_sd14_random(folder: Path, dry_run: bool) -> Path:
 
 # running -------------------------------------------------------------------------------------------
 
-def run(model: str, settings: dict, args, workdir: Path):
+def run(model: str, settings: dict, args, workdir: Path, prefix_steps: int):
     import torch
 
     from recare_cli.erase.run import EraseRequest, run_erase
@@ -121,7 +101,7 @@ def run(model: str, settings: dict, args, workdir: Path):
     request = EraseRequest(
         concepts=["nudity"], iterations=settings["iterations"], ti_steps=settings["ti_steps"],
         rounds=settings["rounds"], num_adv_concepts=2, resolution=settings["resolution"], images=images,
-        careset=careset, prefix_steps=args.prefix_steps, output_dir=workdir / "run",
+        careset=careset, prefix_steps=prefix_steps, output_dir=workdir / f"run-{prefix_steps}",
         checkpoint_every=settings["checkpoint_every"],
     )
     runtime = Runtime(model, device=args.device, dtype=args.dtype, offline=True, cache_dir=args.cache_dir)
@@ -133,24 +113,6 @@ def run(model: str, settings: dict, args, workdir: Path):
     wall = time.perf_counter() - started
     peak_cuda = torch.cuda.max_memory_allocated() / 2**30 if runtime.torch_device().startswith("cuda") else None
     return result, wall, peak_cuda
-
-
-def forward_ms(model: str, cache_dir) -> float:
-    """This machine's speed right now: median of 7 batch-2 forwards of the model's UNet on 64x64 latents."""
-    import torch
-
-    from recare_cli.models import Runtime
-
-    pipe, _, _ = Runtime(model, device="cpu", dtype="fp32", offline=True, cache_dir=cache_dir).pipeline()
-    latents = torch.randn(2, 4, 64, 64)
-    embeds = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
-    times = []
-    with torch.no_grad():
-        for _ in range(7):
-            started = time.perf_counter()
-            pipe.unet(latents, torch.tensor(500), encoder_hidden_states=embeds)
-            times.append(time.perf_counter() - started)
-    return sorted(times)[3] * 1000
 
 
 def report(title: str, result, wall: float, peak_cuda, reference: tuple[float, str] | None) -> None:
@@ -172,7 +134,8 @@ def report(title: str, result, wall: float, peak_cuda, reference: tuple[float, s
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prefix-steps", type=int, default=50, help="50 = the spec's prefix; fewer = faster")
+    parser.add_argument("--prefix-steps", default="50",
+                        help="50 = the spec's prefix; fewer = faster; several, comma-separated, run one after another")
     parser.add_argument("--gpu", action="store_true", help="SD-1.4-shaped random models, default recipe")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: shrunken models and recipe, any device")
     parser.add_argument("--device", default="auto")
@@ -182,6 +145,7 @@ def main(argv=None) -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="CPU mode: time the reference's structure here first and compare with it")
     args = parser.parse_args(argv)
+    prefixes = [int(p) for p in args.prefix_steps.split(",")]
 
     from recare_cli.models import quiet_libraries
 
@@ -193,10 +157,11 @@ def main(argv=None) -> None:
             if args.dry_run:
                 recipe.update(iterations=2, ti_steps=2, resolution=64, checkpoint_every=1)
             model = str(build_sd14_random(workdir, args.dry_run))
-            result, wall, peak = run(model, recipe, args, workdir)
             shape = "shrunken SD-1.4 structure (dry run)" if args.dry_run else "SD-1.4-shaped, random weights"
-            report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {args.prefix_steps}",
-                   result, wall, peak, None)
+            for prefix_steps in prefixes:
+                result, wall, peak = run(model, recipe, args, workdir, prefix_steps)
+                report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {prefix_steps}",
+                       result, wall, peak, None)
         else:
             reference = (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms")
             if args.side_by_side:
@@ -205,14 +170,15 @@ def main(argv=None) -> None:
                 replay_wall, clock = reference_structure.replay(args.cache_dir)
                 reference_structure.report(replay_wall, clock)
                 reference = (replay_wall, "its structure, timed just now on this machine")
-            recipe = dict(iterations=10, ti_steps=150, rounds=2, num_images=8, resolution=512, checkpoint_every=100)
-            result, wall, peak = run("tiny-random", recipe, args, workdir)
-            calibration = forward_ms("tiny-random", args.cache_dir)
-            print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
-                  f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
-                  "scales every figure below")
-            report(f"tiny-random, {json.dumps(recipe)}, prefix steps {args.prefix_steps}, "
-                   f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, reference)
+            recipe = dict(SETTINGS, checkpoint_every=100)
+            for prefix_steps in prefixes:
+                result, wall, peak = run("tiny-random", recipe, args, workdir, prefix_steps)
+                calibration = forward_ms("tiny-random", args.cache_dir)
+                print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
+                      f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
+                      "scales every figure below")
+                report(f"tiny-random, {json.dumps(recipe)}, prefix steps {prefix_steps}, "
+                       f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, reference)
 
 
 if __name__ == "__main__":

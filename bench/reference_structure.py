@@ -21,7 +21,12 @@ model calls per step, in the same order and batch sizes, as the reference's code
 
     python bench/reference_structure.py        # prints wall seconds per stage and in total
 
-Same torch / diffusers as recare (not the reference's pinned versions), fp32, CPU.
+Same torch / diffusers as recare (not the reference's pinned versions), fp32, CPU. Everything is
+the reference's own behaviour, written out here rather than imported from recare: its targets
+(the guidance update at its defaults, computed as it computes them), its image chunks, and its
+adversarial token starting from `convert_tokens_to_ids("person")` -- the word-piece `person`,
+not recare's whole-word `person</w>` (docs/fidelity.md). Only the caption templates, which are
+the same strings, come from recare.
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from erase import CARESET, forward_ms, write_inputs  # bench/, the script's own folder
+from bench_setting import CARESET, SETTINGS, forward_ms, write_inputs  # bench/, the script's own folder
 
 SEED = 42
 NSTEPS = 50
-SETTINGS = dict(iterations=10, ti_steps=150, rounds=2, num_adv_concepts=2, num_images=8, resolution=512)
 
 
 class Clock:
@@ -135,10 +139,23 @@ def seed_all():
     torch.manual_seed(SEED)
 
 
-def erase_round(m, clock: Clock, concept: str, iterations: int, workdir: Path, r: int):
-    import torch
+def guidance_update(d, p):
+    """The reference's normalised guidance at its defaults (eta 1, no threshold, no momentum): d split
+    along p in float64 and put back together, `d_orth + 1.0 * d_par`."""
+    d64, p64 = d.double(), p.double()
+    p_hat = p64 / p64.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    d_par = (d64 * p_hat).sum(dim=(1, 2, 3), keepdim=True) * p_hat
+    return ((d64 - d_par) + 1.0 * d_par).to(d.dtype)
 
-    from recare_cli.erase.guidance import single_negative_target
+
+def chunk(images: list[Path], rounds: int, r: int) -> list[Path]:
+    """Round r's images: consecutive chunks of max(1, N // rounds), wrapping around."""
+    size = max(1, len(images) // rounds)
+    return [images[(r * size + j) % len(images)] for j in range(size)]
+
+
+def erase_round(m, clock: Clock, concept: str, iterations: int, workdir: Path, r: int, guidance: float = 2.0):
+    import torch
 
     seed_all()
     unet = m["unet"]
@@ -156,7 +173,8 @@ def erase_round(m, clock: Clock, concept: str, iterations: int, workdir: Path, r
             eps_neu = predict(frozen, clock, latents_k, t, embeds_neu, 1.0)
             predict(frozen, clock, latents_k, t, embeds_target, 1.0)  # the reference computes it and then uses eps_neu
         eps_trained = predict(unet, clock, latents_k, t, embeds_target, 1.0)
-        loss = torch.nn.functional.mse_loss(eps_trained, single_negative_target(eps_pos, eps_neu, 2.0))
+        target = eps_pos - (guidance - 1) * guidance_update(eps_pos - eps_neu, eps_pos)
+        loss = torch.nn.functional.mse_loss(eps_trained, target)
         loss.backward()
         optimizer.step()
     unet.requires_grad_(False)
@@ -171,7 +189,6 @@ def inversion_round(m, clock: Clock, images: list[Path], steps: int, token: str,
     from PIL import Image
 
     from recare_cli.builtins.concept_types import OBJECT_TEMPLATES
-    from recare_cli.erase.inversion import round_subset
 
     seed_all()
     tokenizer, text_encoder = m["tokenizer"], m["text_encoder"]
@@ -180,11 +197,12 @@ def inversion_round(m, clock: Clock, images: list[Path], steps: int, token: str,
     token_id = tokenizer.convert_tokens_to_ids(token)
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        table[token_id] = table[tokenizer.convert_tokens_to_ids("person</w>")].clone()
+        # the reference's initializer lookup: the word-piece "person" (no "</w>")
+        table[token_id] = table[tokenizer.convert_tokens_to_ids("person")].clone()
     original_rows = table.detach().clone()
     table.requires_grad_(True)
     optimizer = torch.optim.AdamW([table], lr=5e-3)
-    subset = round_subset(images, SETTINGS["rounds"], r) * 100  # the reference's dataset repeats 100 times
+    subset = chunk(images, SETTINGS["rounds"], r) * 100  # the reference's dataset repeats 100 times
     order = torch.randperm(len(subset)).tolist()
     for step in range(steps):
         optimizer.zero_grad()
@@ -216,8 +234,6 @@ def robust_erase(m, clock: Clock, erase_concepts: list[str], anchors: list[str],
     import numpy as np
     import torch
 
-    from recare_cli.erase.guidance import compositional_target
-
     def schedule(words):
         listed = words * (iterations // len(words))
         np.random.shuffle(listed)
@@ -247,8 +263,9 @@ def robust_erase(m, clock: Clock, erase_concepts: list[str], anchors: list[str],
             eps_retain = [predict(frozen, clock, latents_k, t, e, 1.0) for e in embeds_retain_frozen]
         eps_trained_target = predict(unet, clock, latents_k, t, embeds_target, 1.0)
         eps_trained_retain = predict(unet, clock, latents_k, t, embeds_retain, 1.0)
-        target = compositional_target(eps_erase + eps_anchor, eps_neu,
-                                      [-scale] * len(eps_erase) + [scale] * len(eps_anchor))
+        positive = [(scale - 1) * guidance_update(e - eps_neu, e) for e in eps_anchor]
+        negative = [(-scale - 1) * guidance_update(e - eps_neu, e) for e in eps_erase]
+        target = eps_neu + torch.stack(positive).mean(dim=0) + torch.stack(negative).mean(dim=0)
         loss = (torch.nn.functional.mse_loss(eps_trained_target, target)
                 + torch.nn.functional.mse_loss(eps_trained_retain, eps_retain[0]))
         loss.backward()

@@ -26,7 +26,8 @@ def robust_only_request(reference, lr: float, runs: Path):
     """The reference run's request with another stage-2 rate, in a run directory seeded with its stage 1."""
     from dataclasses import replace
 
-    from recare_cli.erase.run import CARESET_FILE, IMAGES_DIR, MANIFEST, STAGES_DIR, EraseRequest, input_hashes, run_hash
+    from recare_cli.erase.inputs import CARESET_FILE, IMAGES_DIR, STAGES_DIR
+    from recare_cli.erase.run import MANIFEST, EraseRequest, input_hashes, run_hash
     from recare_cli.models import Runtime
 
     params = json.loads((reference.run_dir / MANIFEST).read_text())["parameters"]

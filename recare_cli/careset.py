@@ -58,6 +58,10 @@ class CareSet:
     retain: list[str]  # "A photo of {word}" / "A painting of {word}"
     key: str  # the anchor list's key without "_care_word", e.g. "nudity"
 
+    def words(self) -> list[str]:
+        """The CARE words themselves: each anchor prompt without its "A "."""
+        return list(dict.fromkeys(a.split(" ", 1)[1] if a.startswith("A ") else a for a in self.anchor))
+
 
 def read_careset(path) -> CareSet:
     """Read a CARE set, accepting exactly what the reference's training accepts (§6.6)."""

@@ -38,13 +38,20 @@ MODEL_DEFAULTS: dict[str, dict] = {
     "toy": {"resolution": 32, "num_images": 64, "iterations": 300, "stage1_lr": 3e-4, "stage2_lr": 1e-4,
             "ti_steps": 1000, "care_vocab": TOY_WORDS, "care_top_k": 5, "care_top_n": 12},
 }
+# A method's own settings on a built-in model, over MODEL_DEFAULTS. ESD's published rate (2e-5) is
+# the spec's stage-2 rate; the toy scales it as it scales stage 2 (2e-5 -> 1e-4), with the toy's 300
+# iterations and ESD's own eta (docs/frontier.md shows the sweep around it).
+MODEL_METHOD_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("toy", "esd"): {"stage1_lr": 1e-4},
+}
 
 
 def with_model_defaults(request, model: str, explicit: set[str]):
-    """`request` with the model's own defaults for every field the user did not set."""
+    """`request` with the model's own defaults (for its method) for every field the user did not set."""
     from dataclasses import replace
 
-    defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if k not in explicit}
+    own = MODEL_DEFAULTS.get(model, {}) | MODEL_METHOD_DEFAULTS.get((model, request.method), {})
+    defaults = {k: v for k, v in own.items() if k not in explicit}
     return replace(request, **defaults) if defaults else request
 
 

@@ -308,7 +308,7 @@ def test_esd_is_one_erase_stage_and_same_seed_gives_identical_weights(run_cli, i
         result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--json", *extra))
         assert result.exit_code == 0, result.stderr
     first = json.loads(result.stdout.splitlines()[-1])
-    assert list(first["stages"]) == ["erase-0"] and first["tokens"] == []
+    assert list(first["stages"]) == ["esd"] and first["tokens"] == []
     assert not (outs[0] / "tokens.safetensors").exists() and not (outs[0] / "careset.json").exists()
     assert same_tensors(load(outs[0] / "unet.safetensors"), load(outs[1] / "unet.safetensors"))
     assert not (outs[0] / "logs").exists()
@@ -336,7 +336,7 @@ def test_esd_rerun_with_other_recare_only_settings_reuses_its_run(run_cli, input
     assert run_cli(*tiny_args(inputs, out, "--method", "esd")).exit_code == 0
     result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--stage2-lr", "1e-3", "--ti-steps", "7", "--json"))
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1])["stages"]["erase-0"]["reused"] is True
+    assert json.loads(result.stdout.splitlines()[-1])["stages"]["esd"]["reused"] is True
     # a setting ESD does read still guards the run directory
     result = run_cli(*tiny_args(inputs, out, "--method", "esd", "--stage1-lr", "1e-3"))
     assert result.exit_code == 2 and "different settings" in result.stderr
@@ -353,6 +353,8 @@ def test_esd_erase_from_trains_another_prompt_and_is_recorded(run_cli, inputs, t
     assert not same_tensors(load(plain / "unet.safetensors"), load(other / "unet.safetensors"))
     manifest = json.loads((other / "recare-run.json").read_text())
     assert manifest["parameters"]["erase_from"] == ["a photo of a person"]
+    # flags not typed take ESD's published values, and the manifest records them
+    assert (manifest["parameters"]["negative_guidance"], manifest["parameters"]["stage1_lr"]) == (1.0, 2e-5)
 
 
 # one command from nothing ----------------------------------------------------------------------

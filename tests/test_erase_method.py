@@ -295,3 +295,41 @@ def test_initializer_must_be_one_token(models):
     assert isinstance(initializer_id(models.tokenizer, "person"), int)
     with pytest.raises(UsageError, match="not one"):
         initializer_id(models.tokenizer, "a person")
+
+
+def _inversion_run(models, tmp_path, name: str):
+    from PIL import Image
+
+    from recare_cli.builtins.concept_types import OBJECT_TEMPLATES
+    from recare_cli.erase.inversion import InversionSettings, add_token, initializer_id, inversion_stage
+    from recare_cli.erase.loop import StageLoop
+
+    folder = tmp_path
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((48, 40, 3), 60 * i + 30, dtype=np.uint8)).save(folder / f"{i}.png")
+    init = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, "person")]
+    token_id = add_token(models, name, init.detach().clone())
+    return inversion_stage(models, token_id, sorted(folder.glob("*.png")), OBJECT_TEMPLATES, name,
+                           InversionSettings(steps=3, lr=5e-2, resolution=64), StageLoop(folder, "inv", 3, 0, 1000))
+
+
+def test_inversion_gives_the_unet_no_gradients_and_learns_what_a_frozen_unet_learns(tiny_pipe, tmp_path, monkeypatch):
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.loop import StageLoop
+    from recare_cli.erase.params import select_trainable
+
+    # As in a run: the erase stage left its weights trainable when the inversion starts.
+    models = EraseModels.from_pipeline(copy.deepcopy(tiny_pipe), "cpu")
+    trainable = select_trainable(models.unet, "noxattn")
+    holds_grad = []  # after each inversion step's backward: does any UNet weight hold a gradient?
+    step_done = StageLoop.step_done
+    monkeypatch.setattr(StageLoop, "step_done", lambda self, step, **losses: (
+        holds_grad.append(any(p.grad is not None for p in models.unet.parameters())), step_done(self, step, **losses)))
+    learned = _inversion_run(models, tmp_path / "a", "token_gradabcd")
+    assert holds_grad == [False, False, False]
+    assert all(p.requires_grad for p in trainable.values())  # the next erase round trains them again
+
+    # The same inversion through a UNet with every weight frozen learns the very same row.
+    frozen = EraseModels.from_pipeline(copy.deepcopy(tiny_pipe), "cpu")
+    assert torch.equal(_inversion_run(frozen, tmp_path / "b", "token_gradabcd"), learned)

@@ -87,7 +87,7 @@ def test_builtins_are_listed_as_plugins(run_cli):
     assert {p["group"] for p in builtins} == {"recare.concept_types", "recare.metrics", "recare.methods", "recare.attacks"}
     assert all(p["version"] == __version__ and p["error"] is None for p in builtins)
     assert {"object", "style", "person"} <= set(listing["concept_types"])
-    assert {"recare", "esd"} <= set(listing["methods"])
+    assert {"recare", "esd", "uce"} <= set(listing["methods"])
     assert {"unlearndiffatk", "concept-inversion"} <= set(listing["attacks"])
     concept_plugin = next(p for p in builtins if p["group"] == "recare.concept_types")
     assert concept_plugin["registers"] == ["object", "style", "person"]

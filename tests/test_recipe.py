@@ -178,7 +178,7 @@ def test_recipe_runs_every_entry_into_its_own_run_directory(recipe_run):
         assert manifest["status"] == "complete" and manifest["concepts"] == row["concepts"]
         assert manifest["cache_name"] == row["cache_name"] and manifest["parameters"]["iterations"] == iterations
         assert (root / "runs" / folder / "unet.safetensors").is_file()
-    assert [e["stage"] for e in lines if e.get("event") == "stage_end"] == ["erase-0", "erase-0"]
+    assert [e["stage"] for e in lines if e.get("event") == "stage_end"] == ["esd", "esd"]
 
 
 def test_rerun_reuses_finished_entries_and_prints_one_table(run_cli, recipe_run):

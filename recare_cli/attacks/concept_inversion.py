@@ -40,7 +40,7 @@ def learn_token(ctx: AttackContext) -> tuple[str, object]:
         InversionSettings, add_token, initializer_id, inversion_stage, new_token_name,
     )
     from recare_cli.erase.loop import StageLoop
-    from recare_cli.fsutil import read_safetensors, write_safetensors
+    from recare_cli.fsutil import read_safetensors
 
     models = ctx.models
     saved = ctx.work_dir / TOKEN_FILE
@@ -59,8 +59,7 @@ def learn_token(ctx: AttackContext) -> tuple[str, object]:
         loop = StageLoop(ctx.work_dir, "concept-inversion", steps, ctx.settings.seed, checkpoint_every=100,
                          reporter=ctx.reporter, task=task)
         embedding = inversion_stage(models, token_id, list(concept.images), concept.templates, name, settings, loop)
-        write_safetensors(saved, {name: embedding})
-        loop.finish()
+        loop.save_stage(saved, {name: embedding})
     return name, embedding
 
 

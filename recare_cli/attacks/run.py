@@ -99,7 +99,8 @@ def run_dir_of(unet: str | None, cache_dir: Path | None) -> Path | None:
 def concept_source(name: str, settings: AttackSettings, unet: str | None, options: dict,
                    cache_dir: Path | None) -> ConceptSource:
     """The concept and its images: the evaluated run's (manifest, training images), or --target/--attack-images."""
-    from recare_cli.erase.run import IMAGES_DIR, MANIFEST
+    from recare_cli.erase.inputs import IMAGES_DIR
+    from recare_cli.erase.run import MANIFEST
     from recare_cli.presets import plan_concept
 
     run_dir = run_dir_of(unet, cache_dir)

@@ -1,4 +1,4 @@
-"""Built-in erasure methods: ReCARE and the ESD baseline (nothing heavy imported here)."""
+"""Built-in erasure methods: ReCARE and the ESD and UCE baselines (nothing heavy imported here)."""
 
 from dataclasses import replace
 
@@ -21,5 +21,9 @@ def register(register):
     ))
     register(Method(
         name="esd", run=_run_as("esd"),
-        description="ESD baseline: one erase stage with negative guidance, no inversion, no CARE set",
+        description="ESD as published (esd_diffusers.py): Adam towards eps_from - eta (eps_concept - eps_neutral)",
+    ))
+    register(Method(
+        name="uce", run=_run_as("uce"),
+        description="UCE as published (uce_sd_erase.py): closed-form edit of the cross-attention keys and values",
     ))

@@ -1,4 +1,4 @@
-"""`recare erase`: erase concepts with ReCARE (or the ESD baseline) and register the result."""
+"""`recare erase`: erase concepts with ReCARE (or the ESD / UCE baselines) and register the result."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ STAGE1 = "Stage 1 (erase + textual inversion)"
 STAGE2 = "Stage 2 (robust erase with the CARE set)"
 INPUTS = "Inputs"
 SPEED = "Speed, resume and outputs"
+UCE = "UCE (--method uce)"
 
 
 @with_common
@@ -33,19 +34,27 @@ def erase(
              "then prints one summary; a failed entry does not stop the next, but the exit code is then 1. "
              "Under `accelerate launch` each process runs whole entries on its own GPU and the main one "
              "prints the summary (docs/multi-gpu.md).")] = None,
-    method: Annotated[str, typer.Option(help="recare, or esd (one erase stage, no inversion, no CARE set).")] = "recare",
+    method: Annotated[str, typer.Option(
+        help="recare; esd (published ESD, esd_diffusers.py: Adam, lr 2e-5, eta 1; ESD-u = --train-method noxattn, "
+             "ESD-x = xattn); or uce (published UCE, uce_sd_erase.py: closed-form edit of the cross-attention "
+             "keys and values, seconds).")] = "recare",
     concept_type: Annotated[Optional[str], typer.Option(
         "--type", help="object, style or person; required for concepts without a preset.")] = None,
     train_method: Annotated[str, typer.Option(
         help="UNet weights trained: noxattn, xattn, xattn-strict, selfattn or full.")] = "noxattn",
     iterations: Annotated[int, typer.Option(help="Erase iterations of every erase stage.")] = 200,
-    negative_guidance: Annotated[float, typer.Option(help="Stage-1 negative guidance (2 = the neutral prediction).",
-                                                     rich_help_panel=STAGE1)] = 2.0,
+    negative_guidance: Annotated[Optional[float], typer.Option(
+        help="recare: stage 1's guidance g (default 2: the target is the neutral prediction); esd: eta in "
+             "eps_from - eta (eps_concept - eps_neutral) (default 1).", show_default=False,
+        rich_help_panel=STAGE1)] = None,
     erase_from: Annotated[Optional[list[str]], typer.Option(
         help="Prompt whose prediction is trained when erasing the concept (the reference's erase_from; "
              "default: the concept itself). Once for every --concept, or once per --concept in order; "
-             "stage 1's first round (all of --method esd).", rich_help_panel=STAGE1)] = None,
-    stage1_lr: Annotated[float, typer.Option(help="Stage-1 (and esd) AdamW learning rate.", rich_help_panel=STAGE1)] = 0.5e-5,
+             "stage 1's first round; --method esd trains the erase-from prediction towards its frozen one minus "
+             "eta times the concept's direction.", rich_help_panel=STAGE1)] = None,
+    stage1_lr: Annotated[Optional[float], typer.Option(
+        help="recare: stage 1's AdamW learning rate (default 5e-6); esd: its Adam learning rate (default 2e-5). "
+             "--model toy: 3e-4 and 1e-4.", show_default=False, rich_help_panel=STAGE1)] = None,
     ti_lr: Annotated[float, typer.Option(help="Textual-inversion learning rate.", rich_help_panel=STAGE1)] = 5e-3,
     ti_steps: Annotated[int, typer.Option(help="Textual-inversion steps per round.", rich_help_panel=STAGE1)] = 3000,
     rounds: Annotated[int, typer.Option(help="Erase + inversion rounds (the reference's n_iterations).",
@@ -101,6 +110,19 @@ def erase(
         help="tensorboard: log every step's losses and 2 sample images per concept after each training stage to "
              "<run dir>/logs (needs the tensorboard package; view with tensorboard --logdir runs/).",
         rich_help_panel=SPEED)] = None,
+    preserve: Annotated[Optional[list[str]], typer.Option(
+        help="Concept UCE keeps (repeatable), or 'careset': the CARE set's words, built as for recare "
+             "(from --images or generated ones, or --careset).", rich_help_panel=UCE)] = None,
+    guide: Annotated[Optional[str], typer.Option(
+        help="Prompt the erased concepts are mapped to (default: empty for objects, 'art' for styles).",
+        rich_help_panel=UCE)] = None,
+    uce_erase_scale: Annotated[float, typer.Option(help="Weight of the erase concepts.", rich_help_panel=UCE)] = 1.0,
+    uce_preserve_scale: Annotated[float, typer.Option(help="Weight of the preserve concepts.", rich_help_panel=UCE)] = 1.0,
+    uce_lamb: Annotated[float, typer.Option(help="Lambda: how strongly the weights stay as they were.",
+                                            rich_help_panel=UCE)] = 0.5,
+    uce_expand: Annotated[bool, typer.Option(
+        help="Also erase 5 templated prompts per concept (objects: 'photo of ...'; styles: 'art by ...').",
+        rich_help_panel=UCE)] = False,
 ) -> None:
     """Erase concepts from the model; a rerun of the same command resumes where it stopped.
 
@@ -128,7 +150,9 @@ def erase(
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
         apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
-        report_to=report_to, output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
+        report_to=report_to, output_dir=output_dir, preserve=preserve or [], guide=guide, uce_erase_scale=uce_erase_scale,
+        uce_preserve_scale=uce_preserve_scale, uce_lamb=uce_lamb, uce_expand=uce_expand,
+        command=shlex.join(["recare", *sys.argv[1:]]),
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter

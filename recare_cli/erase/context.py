@@ -109,6 +109,37 @@ class EraseModels:
         return float(self.vae.config.scaling_factor)
 
 
+def regression_step(models: EraseModels, optimizer, latents: torch.Tensor, t, embeds: torch.Tensor,
+                    eps_target: torch.Tensor) -> torch.Tensor:
+    """One optimizer step pulling the trained prediction for `embeds` towards `eps_target` (MSE); the loss."""
+    import torch.nn.functional as F
+
+    optimizer.zero_grad(set_to_none=True)
+    eps_theta = models.eps(latents, t, embeds)
+    loss = F.mse_loss(eps_theta, eps_target)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+@contextlib.contextmanager
+def no_grad_into(module: torch.nn.Module):
+    """Inside: no parameter of `module` asks for a gradient; after: each asks as it did before.
+
+    For a stage that trains something else through `module` (the inversion's token row through the
+    UNet): backward then stops at the activations instead of filling a gradient for every
+    weight an erase stage left trainable -- same result, one weight-gradient pass less.
+    """
+    wanted = [p for p in module.parameters() if p.requires_grad]
+    for p in wanted:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in wanted:
+            p.requires_grad_(True)
+
+
 def snapshot(params: dict) -> dict:
     """Detached copies of parameters: the frozen weights of a stage."""
     return {name: p.detach().clone() for name, p in params.items()}

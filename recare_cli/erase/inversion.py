@@ -3,8 +3,9 @@
 Only the new token's embedding row trains. It is held as its own parameter and written into a
 copy of the embedding matrix inside the forward (`functional_call`), so every other row is never
 touched -- the same result as the reference's "train the whole matrix, restore the other rows",
-since AdamW updates each element independently, without a 49,408-row gradient each step.
-VAE latent distributions depend only on (image, flip) and are computed once each.
+since AdamW updates each element independently, without a 49,408-row gradient each step. The
+UNet weights an erase stage trains are switched off for the inversion, so backward never computes
+their gradients. VAE latent distributions depend only on (image, flip) and are computed once each.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from recare_cli.erase.context import EraseModels
+from recare_cli.erase.context import EraseModels, no_grad_into
 from recare_cli.erase.loop import StageLoop
 from recare_cli.errors import RecareError, UsageError
-
 
 
 @dataclass(frozen=True)
@@ -133,29 +133,29 @@ def inversion_stage(models: EraseModels, token_id: int, images: list[Path], temp
     frozen_matrix = embedding_matrix.detach()
     matrix_name = next(n for n, p in models.text_encoder.named_parameters() if p is embedding_matrix)
     start = loop.resume({"token_row": token_row}, optimizer)
+    with no_grad_into(models.unet):  # only the token row learns
+        for step in range(start, settings.steps):
+            index = epoch_order(loop.seed, step // len(images), len(images))[step % len(images)]
+            flip = bool(torch.rand(()) < 0.5)
+            caption = random.choice(templates).format(token)
 
-    for step in range(start, settings.steps):
-        index = epoch_order(loop.seed, step // len(images), len(images))[step % len(images)]
-        flip = bool(torch.rand(()) < 0.5)
-        caption = random.choice(templates).format(token)
+            mean, std = latents_cache.distribution(index, flip)
+            latents_0 = (mean + std * torch.randn_like(mean)) * models.vae_scale
+            noise = torch.randn_like(latents_0)
+            timesteps = torch.randint(0, 999, (1,), device=models.device)
+            latents_t = models.scheduler.add_noise(latents_0, noise, timesteps)
 
-        mean, std = latents_cache.distribution(index, flip)
-        latents_0 = (mean + std * torch.randn_like(mean)) * models.vae_scale
-        noise = torch.randn_like(latents_0)
-        timesteps = torch.randint(0, 999, (1,), device=models.device)
-        latents_t = models.scheduler.add_noise(latents_0, noise, timesteps)
-
-        optimizer.zero_grad(set_to_none=True)
-        matrix_with_token = frozen_matrix.index_put((torch.tensor([token_id], device=models.device),),
-                                                    token_row.unsqueeze(0))
-        with models.autocast():
-            embeds_caption = functional_call(models.text_encoder, {matrix_name: matrix_with_token},
-                                             (models.token_ids([caption]),))[0]
-        eps_pred = models.eps(latents_t, timesteps, embeds_caption)
-        loss = F.mse_loss(eps_pred, noise)
-        loss.backward()
-        optimizer.step()
-        loop.step_done(step, loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            matrix_with_token = frozen_matrix.index_put((torch.tensor([token_id], device=models.device),),
+                                                        token_row.unsqueeze(0))
+            with models.autocast():
+                embeds_caption = functional_call(models.text_encoder, {matrix_name: matrix_with_token},
+                                                 (models.token_ids([caption]),))[0]
+            eps_pred = models.eps(latents_t, timesteps, embeds_caption)
+            loss = F.mse_loss(eps_pred, noise)
+            loss.backward()
+            optimizer.step()
+            loop.step_done(step, loss=loss)
 
     learned = token_row.detach().clone()
     with torch.no_grad():

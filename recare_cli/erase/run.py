@@ -1,9 +1,9 @@
 """An erase run: inputs, the run directory, stage order, resume, outputs and registration.
 
 Run directory (read by `export`, `eval` and `generate --unet`):
-    unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…)
+    unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…); every method
     tokens.safetensors         learned tokens, keyed by token string (metadata: tokens, initializer); recare only
-    careset.json               the CARE set used; recare only
+    careset.json               the CARE set used; recare, and uce --preserve careset
     recare-run.json            manifest: command, parameters, seeds, versions, input hashes, stage timings
     losses.jsonl               one line per training step
     images/<concept>/          generated training images (when --images is not given)
@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from recare_cli.erase.denoise import NSTEPS
+from recare_cli.erase.inputs import (
+    STAGES_DIR, build_careset_for, read_careset_file, training_images, warn_foreign_careset, write_careset,
+)
 from recare_cli.errors import Interrupted, RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, read_safetensors, write_json, write_safetensors
 from recare_cli.manifest import RUN_RECORD as MANIFEST
@@ -32,11 +34,15 @@ from recare_cli.numbers import check_all
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.presets import ConceptPlan, plan_concept, slug
 
-CARESET_FILE = "careset.json"
 PT_FILE = "ReCARE-Diffusers-UNet.pt"
-STAGES_DIR = "stages"
-IMAGES_DIR = "images"
-METHODS = ("recare", "esd")
+METHODS = ("recare", "esd", "uce")
+# Defaults that differ by method; a field left at None takes its method's value (with_method_defaults).
+METHOD_DEFAULTS = {
+    "recare": {"negative_guidance": 2.0, "stage1_lr": 0.5e-5},  # recare-method.md §3-4
+    "esd": {"negative_guidance": 1.0, "stage1_lr": 2e-5},  # esd_diffusers.py: eta 1, Adam lr 2e-5
+    "uce": {"negative_guidance": 1.0, "stage1_lr": 2e-5},  # never read: UCE does not train
+}
+CARESET_PRESERVE = "careset"  # `--preserve careset`: UCE keeps the CARE set's words
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
 NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command", "images", "careset", "care_vocab")
@@ -45,6 +51,12 @@ NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
                "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "num_images",
                "center_crop", "clip_model", "clip_pretrained")
+UCE_ONLY = ("preserve", "guide", "uce_erase_scale", "uce_preserve_scale", "uce_lamb", "uce_expand")
+# What a UCE edit never reads (it trains nothing); the CARE set's inputs count only with --preserve careset.
+NOT_UCE = ("train_method", "iterations", "negative_guidance", "stage1_lr", "stage2_lr", "ti_lr", "ti_steps",
+           "rounds", "num_adv_concepts", "compositional_guidance_scale", "initializer_token", "center_crop",
+           "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum", "erase_from", "resolution")
+CARESET_INPUTS = ("care_top_k", "care_top_n", "num_images", "clip_model", "clip_pretrained", "resolution")
 
 
 @dataclass
@@ -57,8 +69,8 @@ class EraseRequest:
     concept_type: str | None = None
     train_method: str = "noxattn"
     iterations: int = 200
-    negative_guidance: float = 2.0
-    stage1_lr: float = 0.5e-5
+    negative_guidance: float | None = None  # recare: stage 1's g (2); esd: eta (1)
+    stage1_lr: float | None = None  # recare: stage 1's AdamW rate; esd: its Adam rate
     stage2_lr: float = 2e-5
     ti_lr: float = 5e-3
     ti_steps: int = 3000
@@ -85,7 +97,25 @@ class EraseRequest:
     save_pt: bool = False
     report_to: str | None = None  # "tensorboard": losses and sample images under <run dir>/logs
     output_dir: Path | None = None
+    # UCE (recare_cli/erase/uce.py); defaults of uce_sd_erase.py
+    preserve: list[str] = field(default_factory=list)  # words, or ["careset"]
+    guide: str | None = None  # None: "" for objects, "art" for styles
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float = 1.0
+    uce_lamb: float = 0.5
+    uce_expand: bool = False
     command: str | None = None
+
+
+def with_method_defaults(request: EraseRequest) -> EraseRequest:
+    """`request` with its method's defaults for every method-dependent field still unset."""
+    defaults = METHOD_DEFAULTS.get(request.method, METHOD_DEFAULTS["recare"])
+    return replace(request, **{k: v for k, v in defaults.items() if getattr(request, k) is None})
+
+
+def uses_careset(request: EraseRequest) -> bool:
+    """Does the run read a CARE set (and so training images)?"""
+    return request.method == "recare" or (request.method == "uce" and CARESET_PRESERVE in request.preserve)
 
 
 @dataclass
@@ -105,6 +135,7 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
 
     if request.method not in METHODS:
         raise UsageError(f"unknown --method '{request.method}'", hint=f"choose one of {', '.join(METHODS)}")
+    request = with_method_defaults(request)
     if not request.concepts:
         raise UsageError("no concept given", hint="pass --concept NAME (repeatable)")
     seen = [c.strip().lower() for c in request.concepts]
@@ -122,6 +153,13 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
     if request.method == "recare" and request.rounds < 1:
         raise UsageError(f"--rounds must be at least 1 with --method recare (got {request.rounds})",
                          hint="each round erases and then learns one adversarial token; use --method esd for none")
+    if request.method == "uce":
+        from recare_cli.erase.uce import check_uce_request
+
+        check_uce_request(request)
+    elif request.preserve or request.guide is not None:
+        raise UsageError(f"--preserve and --guide are options of --method uce, not {request.method}",
+                         hint="leave them out, or pass --method uce")
     plans = [plan_concept(c, request.concept_type, request.initializer_token) for c in dict.fromkeys(request.concepts)]
     if len({p.concept_type for p in plans}) > 1:
         listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)
@@ -150,10 +188,10 @@ def input_hashes(request: EraseRequest) -> dict:
     from recare_cli.fsutil import list_images
 
     hashes = {}
-    if request.method != "recare":
+    if not uses_careset(request):
         if request.images is not None:
             list_images(request.images)  # a bad --images is still a mistake worth telling
-        return hashes  # ESD trains on prompts alone: no image or CARE-set input can change its weights
+        return hashes  # ESD and plain UCE read prompts alone: no image or CARE-set input can change the weights
     if request.images is not None:
         digest = hashlib.sha256()
         for image in list_images(request.images):
@@ -175,7 +213,13 @@ def parameters(request: EraseRequest) -> dict:
 
 
 def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> str:
-    ignored = NOT_HASHED + (RECARE_ONLY if request.method == "esd" else ())
+    ignored = NOT_HASHED
+    if request.method == "esd":
+        ignored += RECARE_ONLY
+    if request.method == "uce":
+        ignored += tuple(f for f in NOT_UCE + RECARE_ONLY if not (uses_careset(request) and f in CARESET_INPUTS))
+    else:
+        ignored += UCE_ONLY
     hashed = {k: v for k, v in parameters(request).items() if k not in ignored}
     payload = {"parameters": hashed, "model": [model["model"], model["revision"]],
                "dtype": dtype, "inputs": hashes}
@@ -226,13 +270,15 @@ class Stages:
 def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIET_REPORTER) -> EraseResult:
     from recare_cli.models import library_versions
 
+    request = with_method_defaults(request)  # the manifest records the values used
     plans = check_request(request)
     is_recare = request.method == "recare"
+    with_careset = uses_careset(request)
     concepts = [p.concept for p in plans]
     careset_given = None
-    if is_recare and request.careset is not None:
-        careset_given = _read_careset(Path(request.careset))
-        _warn_foreign_careset(careset_given, concepts, request.careset, reporter)
+    if with_careset and request.careset is not None:
+        careset_given = read_careset_file(Path(request.careset))
+        warn_foreign_careset(careset_given, concepts, request.careset, reporter)
     hashes = input_hashes(request)  # also checks that --images holds images
     ref = runtime.resolve()
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
@@ -261,17 +307,22 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
         write_json(run_dir / MANIFEST, manifest)
 
     try:
-        # ESD trains on prompts alone: only ReCARE's inversion and CARE set need images.
-        need_images = is_recare and request.images is None
-        stage_names = _stage_names(request, need_images=need_images, need_careset=is_recare and careset_given is None)
+        # Only ReCARE's inversion and a CARE set still to build need images (ESD and UCE read prompts).
+        need_images = with_careset and request.images is None and (is_recare or careset_given is None)
+        stage_names = _stage_names(request, need_images=need_images, need_careset=with_careset and careset_given is None)
         stages = Stages(stage_names, models.counter, reporter, manifest["stages"], record_stages)
         with stages.outer():
-            images_dirs = _training_images(request, plans, run_dir, runtime, models, stages, reporter) if is_recare else {}
-            if is_recare:
-                careset = careset_given or _build_careset(request, plans, images_dirs, run_dir, runtime, stages, reporter)
-                _write_careset(run_dir, request, careset, plans)
-            tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter,
-                            careset if is_recare else None)
+            images_dirs = {}
+            if with_careset and (need_images or request.images is not None):
+                images_dirs = training_images(request, plans, run_dir, runtime, models, stages, reporter)
+            careset = None
+            if with_careset:
+                careset = careset_given or build_careset_for(request, plans, images_dirs, run_dir, runtime, stages, reporter)
+                write_careset(run_dir, request, careset, plans)
+            if request.method == "uce":
+                tokens = _edit_uce(request, plans, models, stages, careset)
+            else:
+                tokens = _train(request, plans, models, images_dirs, run_dir, stages, reporter, careset)
             unet_path = _write_outputs(run_dir, models, request, plans, ref.describe(), tokens)
         from recare_cli.erase.loop import LOSS_LOG
         from recare_cli.pictures import LOSSES_FILE, plot_losses
@@ -331,8 +382,10 @@ def _previous_manifest(run_dir: Path, digest: str) -> dict:
 def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -> list[str]:
     names = ["images"] if need_images else []
     if request.method == "esd":
-        return names + ["erase-0"]
+        return names + ["esd"]
     names += ["careset"] if need_careset else []
+    if request.method == "uce":
+        return names + ["uce"]
     for r in range(request.rounds):
         names += [f"erase-{r}", f"inversion-{r}"]
     return names + ["robust"]
@@ -342,97 +395,6 @@ def _load_models(runtime: Runtime, request: EraseRequest):
     from recare_cli.erase.context import EraseModels
 
     return EraseModels.load(runtime)
-
-
-# inputs: images and CARE set ---------------------------------------------------------------
-
-def _training_images(request, plans, run_dir: Path, runtime: Runtime, models, stages: Stages, reporter) -> dict[str, Path]:
-    """Concept -> its image folder: --images for all, or generated into the run directory."""
-    if request.images is not None:
-        return {p.concept: Path(request.images) for p in plans}
-    import torch
-
-    from recare_cli.generate import GenerateSettings, PromptRow, generate
-    from recare_cli.models import resolve_dtype
-
-    # Images are rendered in the run's dtype; when that is the training weights' float32 (the CPU
-    # default), the pipeline already loaded for training renders them: one load, one copy in memory.
-    same_dtype = resolve_dtype(runtime.dtype, models.device) == torch.float32
-
-    folders = {p.concept: run_dir / IMAGES_DIR / slug(p.concept) for p in plans}
-    # Once the stage has finished, a rerun keeps its recorded time and only fills in images that
-    # have gone missing since (generate skips the ones present).
-    finished = "images" in stages.record
-    with nullcontext() if finished else stages.stage("images", total=None):
-        for plan in plans:
-            generate([PromptRow(plan.image_prompt)], folders[plan.concept], runtime,
-                     GenerateSettings(height=request.resolution, width=request.resolution),
-                     num_images=request.num_images, seed=request.seed, reporter=reporter,
-                     pipe=models.pipe if same_dtype else None)
-    if finished:
-        stages.reused("images")
-    return folders
-
-
-def _read_careset(path: Path):
-    from recare_cli.careset import read_careset
-
-    return read_careset(path)
-
-
-def _warn_foreign_careset(careset, concepts: list[str], path, reporter: Reporter) -> None:
-    """A CARE set keyed for another concept is most likely the wrong file: say so, train anyway."""
-    from recare_cli.careset import careset_key
-
-    keys = [careset_key(c) for c in concepts]
-    if careset.key not in {*keys, "_".join(keys)}:
-        reporter.warn(f"--careset '{path}' is keyed '{careset.key}_care_word', not for "
-                      f"{', '.join(concepts)} (expected '{'_'.join(keys)}_care_word'); is it the right file?")
-
-
-def _clip_model(request: EraseRequest, runtime: Runtime) -> str:
-    from recare_cli.clip import default_clip_model
-
-    return request.clip_model or default_clip_model(runtime.model)
-
-
-def _build_careset(request, plans, images_dirs, run_dir: Path, runtime: Runtime, stages: Stages, reporter):
-    """One CARE set per concept from its images (reused when already built), merged into one."""
-    from recare_cli.careset import CareSet, build_careset
-    from recare_cli.clip import load_clip
-
-    existing = run_dir / CARESET_FILE
-    if existing.is_file():
-        stages.reused("careset")
-        return _read_careset(existing)
-    anchors, retains, keys = [], [], []
-    with stages.stage("careset", total=None):
-        clip = load_clip(_clip_model(request, runtime), request.clip_pretrained, cache_dir=runtime.cache_dir,
-                         offline=runtime.offline, device=runtime.torch_device())
-        for plan in plans:
-            built = build_careset(
-                plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
-                prompt_style=plan.care_style, clip=clip, vocab_file=request.care_vocab,
-                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed,
-                cache_dir=runtime.cache_dir, reporter=reporter,
-            )
-            careset = _read_careset(Path(built.path))
-            anchors += careset.anchor
-            retains += careset.retain
-            keys.append(careset.key)
-    return CareSet(anchor=list(dict.fromkeys(anchors)), retain=list(dict.fromkeys(retains)), key="_".join(keys))
-
-
-def _write_careset(run_dir: Path, request: EraseRequest, careset, plans) -> None:
-    """careset.json in the run directory: the user's file as given, or the built one."""
-    target = run_dir / CARESET_FILE
-    if request.careset is not None:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(request.careset, tmp)
-    elif not target.is_file():
-        retain_kind = "painting" if plans[0].care_style == "style" else "photo"
-        write_json(target, {f"{careset.key}_care_word": careset.anchor,
-                            f"{careset.key}_care_word_{retain_kind}": careset.retain})
 
 
 # training ----------------------------------------------------------------------------------------
@@ -465,11 +427,14 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     def loop(name: str, total: int, task) -> StageLoop:
         return StageLoop(run_dir, name, total, request.seed, request.checkpoint_every, reporter, task, tracker)
 
-    rounds = request.rounds if request.method == "recare" else 1
+    if request.method == "esd":
+        _train_esd(request, models, trainable, stages, stage_dir, loop)
+        tracker.close()
+        return []
     erase_settings = EraseSettings(request.iterations, request.stage1_lr, request.negative_guidance,
                                    request.resolution, request.prefix_steps, knobs)
     images = sorted({img for folder in dict.fromkeys(images_dirs.values()) for img in list_images(folder)})
-    for r in range(rounds):
+    for r in range(request.rounds):
         name = f"erase-{r}"
         done = stage_dir / f"{name}.safetensors"
         if done.is_file():
@@ -482,8 +447,6 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
                 stage_loop = loop(name, request.iterations, task)
                 erase_stage(models, trainable, targets, erase_settings, stage_loop, erase_from)
                 stage_loop.save_stage(done, trainable)
-        if request.method == "esd":
-            break
 
         name = f"inversion-{r}"
         done = stage_dir / f"{name}.safetensors"
@@ -505,23 +468,55 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             stage_loop.save_stage(done, {token: learned}, {"token": token})
         tokens.append((token, learned))
 
-    if request.method == "recare":
-        name = "robust"
-        done = stage_dir / f"{name}.safetensors"
-        if done.is_file():
-            load_into(trainable, read_safetensors(done)[0])
-            stages.reused(name)
-        else:
-            load_into(trainable, original)
-            erase_list = concepts + [t for t, _ in tokens[: request.num_adv_concepts]]
-            settings = EraseSettings(request.iterations, request.stage2_lr, request.compositional_guidance_scale,
-                                     request.resolution, request.prefix_steps, knobs)
-            with stages.stage(name, request.iterations) as task:
-                stage_loop = loop(name, request.iterations, task)
-                robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
-                stage_loop.save_stage(done, trainable)
+    name = "robust"
+    done = stage_dir / f"{name}.safetensors"
+    if done.is_file():
+        load_into(trainable, read_safetensors(done)[0])
+        stages.reused(name)
+    else:
+        load_into(trainable, original)
+        erase_list = concepts + [t for t, _ in tokens[: request.num_adv_concepts]]
+        settings = EraseSettings(request.iterations, request.stage2_lr, request.compositional_guidance_scale,
+                                 request.resolution, request.prefix_steps, knobs)
+        with stages.stage(name, request.iterations) as task:
+            stage_loop = loop(name, request.iterations, task)
+            robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
+            stage_loop.save_stage(done, trainable)
     tracker.close()
     return tokens
+
+
+def _train_esd(request, models, trainable: dict, stages: Stages, stage_dir: Path, loop) -> None:
+    """The published ESD: one stage, one (concept, erase-from) pair per iteration."""
+    from recare_cli.erase.context import load_into
+    from recare_cli.erase.esd import EsdSettings, esd_stage
+
+    concepts = list(dict.fromkeys(request.concepts))
+    done = stage_dir / "esd.safetensors"
+    if done.is_file():
+        load_into(trainable, read_safetensors(done)[0])
+        stages.reused("esd")
+        return
+    settings = EsdSettings(request.iterations, request.stage1_lr, request.negative_guidance,
+                           request.resolution, request.prefix_steps)
+    with stages.stage("esd", request.iterations) as task:
+        stage_loop = loop("esd", request.iterations, task)
+        esd_stage(models, trainable, concepts, erase_from_prompts(request), settings, stage_loop)
+        stage_loop.save_stage(done, trainable)
+
+
+def _edit_uce(request, plans, models, stages: Stages, careset) -> list:
+    """UCE's closed-form edit of every cross-attention key/value projection; no tokens."""
+    from recare_cli.erase.uce import UceSettings, uce_edit
+
+    preserve = [w for w in request.preserve if w != CARESET_PRESERVE]
+    if careset is not None:
+        preserve += careset.words()
+    settings = UceSettings(request.uce_erase_scale, request.uce_preserve_scale, request.uce_lamb, request.uce_expand)
+    with stages.stage("uce", None):
+        uce_edit(models, [p.concept for p in plans], plans[0].concept_type, list(dict.fromkeys(preserve)),
+                 request.guide, settings)
+    return []
 
 
 # outputs ---------------------------------------------------------------------------------------

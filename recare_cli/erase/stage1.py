@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from recare_cli.erase.context import EraseModels, snapshot
+from recare_cli.erase.context import EraseModels, regression_step, snapshot
 from recare_cli.erase.denoise import NSTEPS, draw_training_latent
 from recare_cli.erase.guidance import GuidanceKnobs, MomentumBuffer, single_negative_target
 from recare_cli.erase.loop import StageLoop
@@ -58,10 +57,6 @@ def erase_stage(models: EraseModels, trainable: dict, concepts: list[str], setti
                                           torch.cat([embeds_concept, embeds_neutral]), weights=frozen).chunk(2)
             eps_target = single_negative_target(eps_pos, eps_neu, settings.guidance_scale, settings.knobs, buffer)
 
-        optimizer.zero_grad(set_to_none=True)
-        eps_theta = models.eps(latents_k, t, embeds_trained)
-        loss = F.mse_loss(eps_theta, eps_target)
-        loss.backward()
-        optimizer.step()
+        loss = regression_step(models, optimizer, latents_k, t, embeds_trained, eps_target)
         loop.step_done(step, loss=loss)
     models.unet.eval()
