@@ -46,16 +46,20 @@ def _package_config(name: str) -> dict:
     return json.loads((Path(__file__).parent / "data" / f"{name}.json").read_text())
 
 
-def build_tiny_random(folder: Path) -> None:
-    """Write the SD-1.x-shaped random-weight pipeline (shared/spec/tiny-random.md) to `folder`."""
+def build_tiny_random(folder: Path, config_name: str = "tiny-random") -> None:
+    """Write an SD-1.x/2.x-shaped random-weight pipeline from its package config to `folder`.
+
+    `tiny-random` is shared/spec/tiny-random.md's SD 1.x shape; `tiny-random-v` the SD 2.x 768 one.
+    """
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from recare_cli.clipvocab import build_tokenizer
 
     quiet_libraries()
-    config = _package_config("tiny-random")
+    config = _package_config(config_name)
     torch.manual_seed(config["seed"])
     unet = UNet2DConditionModel(**config["unet"])
     torch.manual_seed(config["seed"] + 1)
@@ -64,9 +68,10 @@ def build_tiny_random(folder: Path) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
     with tempfile.TemporaryDirectory() as tokenizer_src:
         tokenizer = build_tokenizer(Path(tokenizer_src), **config["tokenizer"])
+    scheduler_class = getattr(diffusers, config.get("scheduler_class", "PNDMScheduler"))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler.from_config(config["scheduler"]),
+        scheduler=scheduler_class.from_config(config["scheduler"]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -85,6 +90,7 @@ TOY_FILES = ("toy/toy.json", "toy/toy.safetensors")  # under recare_cli/data/; a
 # name -> (builder, package data files whose hash decides when a cached copy is stale)
 BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "tiny-random": (build_tiny_random, ("tiny-random.json",)),
+    "tiny-random-v": (lambda folder: build_tiny_random(folder, "tiny-random-v"), ("tiny-random-v.json",)),
     "toy": (build_toy, TOY_FILES),
 }
 

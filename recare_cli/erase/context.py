@@ -90,7 +90,8 @@ class EraseModels:
 
     def eps(self, latents: torch.Tensor, t: int | torch.Tensor, embeds: torch.Tensor,
             weights: dict | None = None) -> torch.Tensor:
-        """UNet noise prediction; `weights` replaces some parameters (a frozen snapshot) for this call."""
+        """The UNet's output (noise, or v: the scheduler's prediction_type); `weights` replaces some
+        parameters (a frozen snapshot) for this call."""
         timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=self.device)
         with self.autocast():
             if weights is None:

@@ -123,6 +123,16 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def training_target(scheduler, latents_0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet was trained to predict from `add_noise(latents_0, noise, t)`, as diffusers' training scripts set it."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents_0, noise, timesteps)
+    if prediction_type == "sample":
+        return latents_0
+    return noise
+
+
 def inversion_stage(models: EraseModels, token_id: int, images: list[Path], templates: tuple[str, ...],
                     token: str, settings: InversionSettings, loop: StageLoop) -> torch.Tensor:
     """Learn the embedding of `token` (already added, initialised); return it and write it in."""
@@ -151,8 +161,8 @@ def inversion_stage(models: EraseModels, token_id: int, images: list[Path], temp
         with models.autocast():
             embeds_caption = functional_call(models.text_encoder, {matrix_name: matrix_with_token},
                                              (models.token_ids([caption]),))[0]
-        eps_pred = models.eps(latents_t, timesteps, embeds_caption)
-        loss = F.mse_loss(eps_pred, noise)
+        prediction = models.eps(latents_t, timesteps, embeds_caption)
+        loss = F.mse_loss(prediction, training_target(models.scheduler, latents_0, noise, timesteps))
         loss.backward()
         optimizer.step()
         loop.step_done(step, loss=loss)
