@@ -2,7 +2,7 @@
 
 Run directory (read by `export`, `eval` and `generate --unet`):
     unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…)
-    tokens.safetensors         learned tokens, keyed by token string (metadata: tokens, initializer); recare only
+    tokens.safetensors         learned tokens, keyed by token string; SDXL: clip_l/clip_g rows (metadata: tokens, initializer)
     careset.json               the CARE set used; recare only
     recare-run.json            manifest: command, parameters, seeds, versions, input hashes, stage timings
     losses.jsonl               one line per training step
@@ -429,7 +429,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     from recare_cli.erase.context import load_into, snapshot
     from recare_cli.erase.guidance import GuidanceKnobs
     from recare_cli.erase.inversion import (
-        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, round_subset,
+        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, round_subset, token_embedding,
     )
     from recare_cli.erase.loop import StageLoop
     from recare_cli.erase.params import select_trainable
@@ -478,8 +478,8 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             stages.reused(name)
             continue
         token = new_token_name(request.seed, r, set(models.tokenizer.get_vocab()))
-        init_row = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, plans[0].initializer_token)]
-        token_id = add_token(models, token, init_row.detach().clone())
+        init_embedding = token_embedding(models, initializer_id(models.tokenizer, plans[0].initializer_token))
+        token_id = add_token(models, token, init_embedding.clone())
         with stages.stage(name, request.ti_steps) as task:
             stage_loop = loop(name, request.ti_steps, task)
             learned = inversion_stage(models, token_id, round_subset(images, request.rounds, r), plans[0].templates, token,
@@ -522,7 +522,10 @@ def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: d
     unet_path = run_dir / UNET_FILE
     _save_tensors(unet_path, state, metadata)
     if tokens:
-        _save_tensors(run_dir / TOKENS_FILE, dict(tokens),
+        from recare_cli.erase.inversion import split_rows
+        from recare_cli.models import learned_tokens_tensors
+
+        _save_tensors(run_dir / TOKENS_FILE, learned_tokens_tensors({t: split_rows(models, e) for t, e in tokens}),
                       {"tokens": json.dumps([t for t, _ in tokens]), "initializer": plans[0].initializer_token})
     if request.save_pt:
         with atomic_path(run_dir / PT_FILE) as tmp:
