@@ -1,4 +1,4 @@
-"""Every command on each model family's built-in: SD 2.x v-prediction (`tiny-random-v`).
+"""Every command on each model family's built-in: SD 2.x v-prediction (`tiny-random-v`), SDXL (`tiny-random-xl`).
 
 (SD 1.x, `tiny-random`, is what the rest of the suite runs on.) Each run is as small as the
 commands allow: the point is that every path accepts the family, not what it learns.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-FAMILIES = ["tiny-random-v"]
+FAMILIES = ["tiny-random-v", "tiny-random-xl"]
 ERASE_FAST = ["--device", "cpu", "--resolution", "64", "--iterations", "1", "--ti-steps", "1", "--rounds", "1",
               "--prefix-steps", "1", "--num-images", "2", "--quiet"]
 GENERATE_FAST = ["--device", "cpu", "--height", "64", "--width", "64", "--steps", "2", "--quiet"]
@@ -62,11 +62,11 @@ def test_recare_erase_runs_through_images_careset_and_training(family):
     assert set(erased) == set(base) and any(not torch.equal(erased[k], base[k]) for k in base)
 
 
-def test_esd_erase_and_generate_with_the_erased_unet(family):
+def test_esd_erase_under_bf16_autocast_and_generate_with_the_erased_unet(family):
     run_cli = _cli()
     out = family["root"] / "esd"
     result = run_cli("erase", "--concept", "nudity", "--method", "esd", "--model", family["model"], *ERASE_FAST,
-                     "--output-dir", out)
+                     "--dtype", "bf16", "--output-dir", out)
     assert result.exit_code == 0, result.stderr
     images = family["root"] / "generated"
     result = run_cli("generate", "-p", "a photo of a cat", "--model", family["model"], "--unet", out,
@@ -104,4 +104,8 @@ def _check_single_file(family, path: Path) -> None:
                                          safety_checker=None, requires_safety_checker=False)
     erased = load_file(str(family["run"] / "unet.safetensors"))
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in erased.items())
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(base, name, None) is not None:
+            expected = getattr(base, name).state_dict()
+            assert all(torch.equal(getattr(loaded, name).state_dict()[k], v) for k, v in expected.items()), name
     assert loaded.scheduler.config.prediction_type == base.scheduler.config.prediction_type
