@@ -18,3 +18,32 @@ def test_gpu_mode_dry_run_builds_sd14_shaped_models_and_reports_every_stage():
         seconds, unet_images = rows[stage]
         assert float(seconds) > 0 and int(unet_images) > 0
     assert "shrunken SD-1.4 structure (dry run)" in result.stdout and "peak RSS" in result.stdout
+
+
+def test_sdxl_gpu_mode_dry_run_reports_every_stage():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "erase.py"), "--gpu", "--family", "sdxl", "--dry-run", "--device", "cpu",
+         "--prefix-steps", "2"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.strip()}
+    for stage in ("erase-0", "inversion-0", "erase-1", "inversion-1", "robust"):
+        seconds, unet_images = rows[stage]
+        assert float(seconds) > 0 and int(unet_images) > 0
+    assert "shrunken SDXL structure (dry run)" in result.stdout
+
+
+def test_sdxl_gpu_mode_builds_the_published_unet():
+    """Full-size configs, built without memory on the meta device: SDXL base's UNet has 2,567,463,684 weights."""
+    import importlib.util
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    spec = importlib.util.spec_from_file_location("bench_erase", ROOT / "bench" / "erase.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**bench.sdxl_configs(dry_run=False)["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
