@@ -62,11 +62,11 @@ def test_recare_erase_runs_through_images_careset_and_training(family):
     assert set(erased) == set(base) and any(not torch.equal(erased[k], base[k]) for k in base)
 
 
-def test_esd_erase_under_bf16_autocast_and_generate_with_the_erased_unet(family):
+def test_esd_erase_under_bf16_autocast_with_checkpointing_and_generate_with_the_erased_unet(family):
     run_cli = _cli()
     out = family["root"] / "esd"
     result = run_cli("erase", "--concept", "nudity", "--method", "esd", "--model", family["model"], *ERASE_FAST,
-                     "--dtype", "bf16", "--output-dir", out)
+                     "--dtype", "bf16", "--gradient-checkpointing", "--output-dir", out)
     assert result.exit_code == 0, result.stderr
     images = family["root"] / "generated"
     result = run_cli("generate", "-p", "a photo of a cat", "--model", family["model"], "--unet", out,

@@ -183,3 +183,24 @@ def test_vae_stays_float32_under_autocast_when_it_must(xl_models, tmp_path):
     xl_models.vae.config.force_upcast = False  # a VAE that may run in half precision does
     LatentCache(xl_models, [tmp_path / "0.png"], InversionSettings(resolution=64)).distribution(0, False)
     assert dtypes[-1] == torch.bfloat16
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_xl_pipe, tmp_path):
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.loop import StageLoop
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.erase.stage1 import EraseSettings, erase_stage
+
+    trained = []
+    for checkpointing in (False, True):
+        pipe = copy.deepcopy(tiny_xl_pipe)
+        if checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        xl = EraseModels.from_pipeline(pipe, "cpu")
+        trainable = select_trainable(xl.unet, "xattn")
+        erase_stage(xl, trainable, ["a cat"], EraseSettings(iterations=1, lr=1e-3, resolution=64, prefix_steps=1),
+                    StageLoop(tmp_path, f"erase-{checkpointing}", 1, 0, 1000))
+        assert xl.unet.is_gradient_checkpointing == checkpointing
+        trained.append({k: v.detach().clone() for k, v in trainable.items()})
+    assert all(torch.allclose(trained[0][k], trained[1][k], atol=1e-6) for k in trained[0])
+    assert any(not torch.equal(trained[0][k], tiny_xl_pipe.unet.state_dict()[k]) for k in trained[0])

@@ -93,6 +93,9 @@ def erase(
                                                   rich_help_panel=SPEED)] = 100,
     save_pt: Annotated[bool, typer.Option(help="Also write the reference's ReCARE-Diffusers-UNet.pt.",
                                           rich_help_panel=SPEED)] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute UNet activations in the backward pass: less memory (SDXL), slower; same weights.",
+        rich_help_panel=SPEED)] = False,
     output_dir: Annotated[Optional[Path], typer.Option(
         help="Run directory (default runs/<concept>-<method>-<hash>); rerunning resumes it.",
         rich_help_panel=SPEED)] = None,
@@ -123,7 +126,7 @@ def erase(
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
         apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
-        output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
+        gradient_checkpointing=gradient_checkpointing, output_dir=output_dir, command=shlex.join(["recare", *sys.argv[1:]]),
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter

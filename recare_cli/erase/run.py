@@ -39,7 +39,8 @@ IMAGES_DIR = "images"
 METHODS = ("recare", "esd")
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
-NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab")
+NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "command", "images", "careset", "care_vocab",
+              "gradient_checkpointing")
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
@@ -83,6 +84,7 @@ class EraseRequest:
     clip_pretrained: str = "openai"
     checkpoint_every: int = 100
     save_pt: bool = False
+    gradient_checkpointing: bool = False
     output_dir: Path | None = None
     command: str | None = None
 
@@ -337,7 +339,10 @@ def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -
 def _load_models(runtime: Runtime, request: EraseRequest):
     from recare_cli.erase.context import EraseModels
 
-    return EraseModels.load(runtime)
+    models = EraseModels.load(runtime)
+    if request.gradient_checkpointing:  # only trained forwards (unet.train(), grad on) recompute
+        models.unet.enable_gradient_checkpointing()
+    return models
 
 
 # inputs: images and CARE set ---------------------------------------------------------------
