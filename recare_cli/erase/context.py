@@ -94,7 +94,7 @@ class EraseModels:
         return self.autocast()
 
     def token_ids(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
-        tokenizer = tokenizer or self.tokenizer
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(self.device)
 
