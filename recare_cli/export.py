@@ -491,7 +491,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
 
 def _no_ldm_name(key: str) -> RecareError:
     return RecareError(
-        f"single-file export supports Stable Diffusion 1.x/2.x models; UNet weight '{key}' has no original-layout name",
+        f"single-file export supports Stable Diffusion 1.x/2.x and SDXL models; UNet weight '{key}' has no original-layout name",
         hint="use --format diffusers or --format unet for this model",
     )
 
