@@ -20,6 +20,12 @@ weights (nothing is downloaded) and runs the default recipe (200 iterations, 300
     python bench/erase.py --gpu [--dtype bf16]
     python bench/erase.py --gpu --dry-run     # the same code path with shrunken models, on a CPU
 
+`--family sdxl` does the same with stabilityai/stable-diffusion-xl-base-1.0's published configs
+(two text encoders, 2048-wide context, text_time embedding, force_upcast VAE) at its 1024 px:
+
+    python bench/erase.py --gpu --family sdxl [--dtype bf16]
+    python bench/erase.py --gpu --family sdxl --dry-run
+
 UNet forward passes are counted in images (a batch of 4 counts 4); image generation is not part
 of the benchmark (the training images are synthetic and given with --images).
 """
@@ -88,6 +94,63 @@ def build_sd14_random(folder: Path, dry_run: bool) -> Path:
     return model_dir
 
 
+# SDXL-shaped models ---------------------------------------------------------------------------
+
+def sdxl_configs(dry_run: bool) -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0's published configs; `dry_run` keeps the structure, shrinks widths."""
+    unet = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+        block_out_channels=(128, 256, 512, 512), scaling_factor=0.13025, force_upcast=True,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    text_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                  vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    if dry_run:
+        unet.update(block_out_channels=(32, 32, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+                    cross_attention_dim=80, addition_time_embed_dim=8, projection_class_embeddings_input_dim=96,
+                    layers_per_block=1, norm_num_groups=32)
+        vae.update(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
+        text.update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+        text_2.update(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, projection_dim=48)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text_2}
+
+
+def build_sdxl_random(folder: Path, dry_run: bool) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from recare_cli.clipvocab import build_tokenizer
+
+    configs = sdxl_configs(dry_run)
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**configs["vae"]), unet=UNet2DConditionModel(**configs["unet"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
+        tokenizer=build_tokenizer(folder / "tokenizer-src"),
+        tokenizer_2=build_tokenizer(folder / "tokenizer-src", pad_token="!"),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+    model_dir = folder / "sdxl-random"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
 # running -------------------------------------------------------------------------------------------
 
 def run(model: str, settings: dict, args, workdir: Path, prefix_steps: int):
@@ -136,7 +199,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefix-steps", default="50",
                         help="50 = the spec's prefix; fewer = faster; several, comma-separated, run one after another")
-    parser.add_argument("--gpu", action="store_true", help="SD-1.4-shaped random models, default recipe")
+    parser.add_argument("--gpu", action="store_true", help="SD-1.4- (or SDXL-) shaped random models, default recipe")
+    parser.add_argument("--family", choices=("sd14", "sdxl"), default="sd14",
+                        help="with --gpu: the published configs to shape the random models after")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: shrunken models and recipe, any device")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="fp32, or bf16/fp16 autocast")
@@ -153,11 +218,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="recare-bench-") as tmp:
         workdir = Path(tmp)
         if args.gpu:
-            recipe = dict(iterations=200, ti_steps=3000, rounds=2, num_images=8, resolution=512, checkpoint_every=100)
+            sdxl = args.family == "sdxl"
+            recipe = dict(iterations=200, ti_steps=3000, rounds=2, num_images=8, resolution=1024 if sdxl else 512,
+                          checkpoint_every=100)
             if args.dry_run:
                 recipe.update(iterations=2, ti_steps=2, resolution=64, checkpoint_every=1)
-            model = str(build_sd14_random(workdir, args.dry_run))
-            shape = "shrunken SD-1.4 structure (dry run)" if args.dry_run else "SD-1.4-shaped, random weights"
+            model = str((build_sdxl_random if sdxl else build_sd14_random)(workdir, args.dry_run))
+            name = "SDXL" if sdxl else "SD-1.4"
+            shape = f"shrunken {name} structure (dry run)" if args.dry_run else f"{name}-shaped, random weights"
             for prefix_steps in prefixes:
                 result, wall, peak = run(model, recipe, args, workdir, prefix_steps)
                 report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {prefix_steps}",

@@ -146,7 +146,7 @@ def _causal_argmax_text(model) -> bool:
 
 def default_clip_model(base_model: str) -> str:
     """The CLIP to use with a base model: a built-in model comes with its built-in CLIP (tiny-random, toy)."""
-    return base_model if base_model in BUILTIN_CLIPS else DEFAULT_CLIP_MODEL
+    return BUILTIN_MODEL_CLIPS.get(base_model, DEFAULT_CLIP_MODEL)
 
 
 def load_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -355,6 +355,8 @@ def _toy_digest() -> str:
 
 # name -> (config and weights, digest of what they are made from)
 BUILTIN_CLIPS = {TINY_RANDOM: (_tiny_random_files, _tiny_random_digest), TOY: (_toy_files, _toy_digest)}
+# Built-in base model -> its CLIP: the random-weight models, whatever their family, share tiny-random's.
+BUILTIN_MODEL_CLIPS = {TINY_RANDOM: TINY_RANDOM, "tiny-random-v": TINY_RANDOM, "tiny-random-xl": TINY_RANDOM, TOY: TOY}
 
 
 def builtin_clip_path(name: str, cache_dir=None) -> tuple[Path, str]:

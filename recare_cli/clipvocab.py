@@ -47,7 +47,8 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
 
 
-def build_tokenizer(folder: Path, model_max_length: int = 77):
+def build_tokenizer(folder: Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """`pad_token` "!" is SD 2.x's (OpenCLIP pads with id 0); SD 1.x pads with the end token."""
     from transformers import CLIPTokenizer
 
     write_tokenizer_files(folder)
@@ -55,4 +56,5 @@ def build_tokenizer(folder: Path, model_max_length: int = 77):
         vocab=str(folder / "vocab.json"),
         merges=str(folder / "merges.txt"),
         model_max_length=model_max_length,
+        pad_token=pad_token,
     )

@@ -30,7 +30,9 @@ from recare_cli.fsutil import ensure_writable_dir, give_umask_mode, removing_new
 from recare_cli.manifest import RUN_RECORD as MANIFEST
 from recare_cli.manifest import Writer, claim
 from recare_cli.numbers import check
-from recare_cli.models import TOKENS_FILE, UNET_FILE, ModelRef, Runtime, apply_unet_weights, read_unet_state_dict
+from recare_cli.models import (
+    TOKENS_FILE, UNET_FILE, ModelRef, Runtime, apply_unet_weights, is_sdxl, read_unet_state_dict,
+)
 from recare_cli.output import QUIET_REPORTER, Reporter
 
 FORMATS = ("diffusers", "unet", "single-file", "lora", "tokens")
@@ -290,9 +292,16 @@ def unet_probe(unet):
     generator = torch.Generator().manual_seed(PROBE_SEED)
     latents = torch.randn(1, config.in_channels, size, size, generator=generator)
     text_states = torch.randn(1, PROBE_TOKENS, config.cross_attention_dim, generator=generator)
+    added_cond_kwargs = None
+    if config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and size/crop time ids
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        side = 8.0 * size
+        added_cond_kwargs = {"text_embeds": torch.randn(1, pooled_dim, generator=generator).to(unet.device),
+                             "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]], device=unet.device)}
     unet = unet.float()
     with torch.no_grad():
-        eps = unet(latents.to(unet.device), PROBE_TIMESTEP, encoder_hidden_states=text_states.to(unet.device)).sample
+        eps = unet(latents.to(unet.device), PROBE_TIMESTEP, encoder_hidden_states=text_states.to(unet.device),
+                   added_cond_kwargs=added_cond_kwargs).sample
     return eps.cpu()
 
 
@@ -315,9 +324,11 @@ def require_same_weights(expected: dict, loaded: dict, what: str) -> None:
         )
 
 
-def _load_kwargs(dtype_name: str, safety_checker: bool = False) -> dict:
-    without = {} if safety_checker else dict(safety_checker=None, requires_safety_checker=False)
-    return dict(torch_dtype=_torch_dtype(dtype_name), local_files_only=True, **without)
+def _load_kwargs(dtype_name: str, pipe, safety_checker: bool = False) -> dict:
+    kwargs = dict(torch_dtype=_torch_dtype(dtype_name), local_files_only=True)
+    if safety_checker or is_sdxl(pipe):  # SDXL pipelines have no safety checker to turn off
+        return kwargs
+    return dict(kwargs, safety_checker=None, requires_safety_checker=False)
 
 
 def base_safety_checker(ref: ModelRef):
@@ -336,10 +347,14 @@ def base_safety_checker(ref: ModelRef):
     return StableDiffusionSafetyChecker.from_pretrained(Path(ref.path) / "safety_checker", local_files_only=True)
 
 
+def _components(pipe) -> tuple[str, ...]:
+    """The weight-holding components an export writes and checks."""
+    return ("vae", "text_encoder", "text_encoder_2", "unet") if is_sdxl(pipe) else ("vae", "text_encoder", "unet")
+
+
 # format: diffusers folder -------------------------------------------------------------------
 
 def _export_diffusers(pipe, ref, source, settings, staged: Path, reporter) -> ExportResult:
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
     _erased_pipeline(pipe, source)
@@ -354,22 +369,22 @@ def _export_diffusers(pipe, ref, source, settings, staged: Path, reporter) -> Ex
     for unet_file in sorted((staged / "unet").glob(f"*{FILE_SUFFIX}")):
         save_file(load_file(str(unet_file)), str(unet_file), metadata=metadata)
 
-    loaded = StableDiffusionPipeline.from_pretrained(staged, variant=variant,
-                                                     **_load_kwargs(settings.dtype, checker is not None))
-    for name in ("vae", "text_encoder", "unet") + (("safety_checker",) if checker is not None else ()):
+    loaded = type(pipe).from_pretrained(staged, variant=variant, **_load_kwargs(settings.dtype, pipe, checker is not None))
+    for name in _components(pipe) + (("safety_checker",) if checker is not None else ()):
         require_same_weights(_cast(getattr(pipe, name).state_dict(), settings.dtype),
                              getattr(loaded, name).state_dict(), f"{name} of the pipeline folder")
     diff = max_abs_diff(unet_probe(loaded.unet.to(pipe.device)), reference)
     load_options = f', variant="{variant}", torch_dtype={_torch_dtype(settings.dtype)}' if variant else ""
     write_model_card(staged, source, ref, settings, diff,
-                     [f'pipe = StableDiffusionPipeline.from_pretrained("{settings.output}"{load_options})'])
+                     [f'pipe = {type(pipe).__name__}.from_pretrained("{settings.output}"{load_options})'],
+                     type(pipe).__name__)
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     return ExportResult("diffusers", "", ref.spec, settings.dtype, diff, TOLERANCE[settings.dtype],
                         "the source UNet", files, {"variant": variant})
 
 
 def write_model_card(folder: Path, source: ExportSource, ref: ModelRef, settings: ExportSettings,
-                     diff: float, usage: list[str]) -> None:
+                     diff: float, usage: list[str], pipeline_class: str = "StableDiffusionPipeline") -> None:
     concepts = ", ".join(source.concepts) or "(unknown concept)"
     front = ["---", "library_name: diffusers", "tags:", "  - recare", "  - concept-erasure", "  - stable-diffusion"]
     if ref.kind == "hub":
@@ -387,7 +402,7 @@ def write_model_card(folder: Path, source: ExportSource, ref: ModelRef, settings
         f"| recare version | {__version__} |",
         f"| format | {settings.format} ({settings.dtype}) |",
         "",
-        "## Loading", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", "",
+        "## Loading", "", "```python", "import torch", f"from diffusers import {pipeline_class}", "",
         *usage, "```", "",
         "## Check", "",
         f"Loaded back after writing and compared with the source: max abs difference {diff:.3g} "
@@ -426,6 +441,8 @@ UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 RESNET_PARTS = {
     "norm1": "in_layers.0",
@@ -454,7 +471,9 @@ OPEN_CLIP_LAYER_PARTS = {
     "mlp.fc2": "mlp.c_proj",
 }
 LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-              "clip": "cond_stage_model.transformer.text_model.", "open_clip": "cond_stage_model.model."}
+              "clip": "cond_stage_model.transformer.text_model.", "open_clip": "cond_stage_model.model.",
+              # SDXL: CLIP-L and OpenCLIP-bigG side by side in the "conditioner"
+              "sdxl_clip": "conditioner.embedders.0.transformer.text_model.", "sdxl_open_clip": "conditioner.embedders.1.model."}
 
 
 def _split_param(key: str) -> tuple[str, str]:
@@ -502,7 +521,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: s
 
 def _no_ldm_name(key: str) -> RecareError:
     return RecareError(
-        f"single-file export supports Stable Diffusion 1.x/2.x models; UNet weight '{key}' has no original-layout name",
+        f"single-file export supports Stable Diffusion 1.x/2.x and SDXL models; UNet weight '{key}' has no original-layout name",
         hint="use --format diffusers or --format unet for this model",
     )
 
@@ -555,18 +574,21 @@ def _text_keys(state: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
-def clip_to_ldm(state: dict) -> dict:
-    """SD 1.x: OpenAI CLIP as transformers holds it, under `cond_stage_model.transformer.text_model.`."""
-    return {LDM_PREFIX["clip"] + k: v for k, v in _text_keys(state).items()}
+def clip_to_ldm(state: dict, prefix: str = LDM_PREFIX["clip"]) -> dict:
+    """SD 1.x (and SDXL's first encoder): OpenAI CLIP as transformers holds it, under `prefix`."""
+    return {prefix + k: v for k, v in _text_keys(state).items()}
 
 
-def open_clip_to_ldm(state: dict) -> dict:
-    """SD 2.x: the OpenCLIP text tower, with q/k/v fused into in_proj as open_clip stores them."""
+def open_clip_to_ldm(state: dict, prefix: str = LDM_PREFIX["open_clip"]) -> dict:
+    """SD 2.x (and SDXL's second encoder): the OpenCLIP text tower, q/k/v fused into in_proj as open_clip stores them."""
     import torch
 
     state = _text_keys(state)
     converted = {}
     for key, value in state.items():
+        if key == "text_projection.weight":  # SDXL's pooled projection: open_clip holds x @ P, not a Linear
+            converted["text_projection"] = value.T.contiguous()
+            continue
         if key in OPEN_CLIP_TOP_LEVEL:
             converted[OPEN_CLIP_TOP_LEVEL[key]] = value
             continue
@@ -581,11 +603,14 @@ def open_clip_to_ldm(state: dict) -> dict:
                 converted[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = fused
             continue
         converted[f"transformer.resblocks.{layer}.{_rename_part(rest, OPEN_CLIP_LAYER_PARTS)}"] = value
-    return {LDM_PREFIX["open_clip"] + k: v for k, v in converted.items()}
+    return {prefix + k: v for k, v in converted.items()}
 
 
-def text_encoder_layout(text_encoder) -> str:
-    """'clip' (SD 1.x, OpenAI CLIP: quick_gelu) or 'open_clip' (SD 2.x, OpenCLIP: gelu)."""
+def text_encoder_layout(pipe) -> str:
+    """'clip' (SD 1.x, OpenAI CLIP: quick_gelu), 'open_clip' (SD 2.x, OpenCLIP: gelu) or 'sdxl' (both)."""
+    if is_sdxl(pipe):
+        return "sdxl"
+    text_encoder = pipe.text_encoder
     if type(text_encoder).__name__ != "CLIPTextModel":
         raise RecareError(f"single-file export supports SD 1.x/2.x text encoders, not {type(text_encoder).__name__}",
                           hint="use --format diffusers or --format unet for this model")
@@ -593,14 +618,18 @@ def text_encoder_layout(text_encoder) -> str:
 
 
 def pipeline_to_ldm(pipe) -> dict:
-    """One original-layout state dict (UNet, VAE, text encoder) of a StableDiffusionPipeline."""
-    layout = text_encoder_layout(pipe.text_encoder)
+    """One original-layout state dict (UNet, VAE, text encoder(s)) of an SD or SDXL pipeline."""
+    layout = text_encoder_layout(pipe)
     text_state = pipe.text_encoder.state_dict()
     checkpoint = {LDM_PREFIX["unet"] + k: v
                   for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block).items()}
     checkpoint.update({LDM_PREFIX["vae"] + k: v
                        for k, v in vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.up_block_types)).items()})
-    checkpoint.update(clip_to_ldm(text_state) if layout == "clip" else open_clip_to_ldm(text_state))
+    if layout == "sdxl":
+        checkpoint.update(clip_to_ldm(text_state, LDM_PREFIX["sdxl_clip"]))
+        checkpoint.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), LDM_PREFIX["sdxl_open_clip"]))
+    else:
+        checkpoint.update(clip_to_ldm(text_state) if layout == "clip" else open_clip_to_ldm(text_state))
     return checkpoint
 
 
@@ -609,27 +638,26 @@ def write_pipeline_configs(pipe, folder: Path) -> None:
     pipe.save_config(folder)
     for name in ("unet", "vae", "scheduler"):
         getattr(pipe, name).save_config(folder / name)
-    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    if pipe.feature_extractor is not None:  # SD 1.x hub repos ship one, and the model index names it
+    for suffix in ("", "_2") if is_sdxl(pipe) else ("",):
+        getattr(pipe, f"text_encoder{suffix}").config.save_pretrained(folder / f"text_encoder{suffix}")
+        getattr(pipe, f"tokenizer{suffix}").save_pretrained(folder / f"tokenizer{suffix}")
+    if getattr(pipe, "feature_extractor", None) is not None:  # SD 1.x hub repos ship one, and the model index names it
         pipe.feature_extractor.save_pretrained(folder / "feature_extractor")
 
 
 def _export_single_file(pipe, ref, source, settings, staged: Path, reporter) -> ExportResult:
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
     _erased_pipeline(pipe, source)
     reference = unet_probe(pipe.unet)
-    layout = text_encoder_layout(pipe.text_encoder)
+    layout = text_encoder_layout(pipe)
     save_file(_cast(pipeline_to_ldm(pipe), settings.dtype), str(staged),
               metadata=_metadata(source, ref, settings, text_encoder_layout=layout))
 
     with tempfile.TemporaryDirectory(prefix=".recare-config-", dir=staged.parent) as config_dir:
         write_pipeline_configs(pipe, Path(config_dir))
-        loaded = StableDiffusionPipeline.from_single_file(str(staged), config=config_dir,
-                                                          **_load_kwargs(settings.dtype))
-    for name in ("vae", "text_encoder", "unet"):
+        loaded = type(pipe).from_single_file(str(staged), config=config_dir, **_load_kwargs(settings.dtype, pipe))
+    for name in _components(pipe):
         require_same_weights(_cast(getattr(pipe, name).state_dict(), settings.dtype),
                              getattr(loaded, name).state_dict(), f"{name} of the single file")
     diff = max_abs_diff(unet_probe(loaded.unet.to(pipe.device)), reference)
@@ -753,30 +781,19 @@ def _export_lora(pipe, ref, source, settings, staged: Path, reporter) -> ExportR
 
 # format: textual-inversion tokens --------------------------------------------------------------
 
-def read_tokens(path: Path) -> dict:
-    """{token: embedding}, in the order the run learned them (its metadata's list)."""
-    from safetensors.torch import load_file
-
-    metadata = _safetensors_metadata(path)
-    embeddings = load_file(str(path))
-    if not embeddings:
-        raise RecareError(f"'{path}' holds no token embeddings")
-    try:
-        order = [t for t in json.loads(metadata.get("tokens", "[]")) if t in embeddings]
-    except ValueError:
-        order = []
-    return {t: embeddings[t] for t in order + sorted(set(embeddings) - set(order))}
-
-
 def _export_tokens(pipe, ref, source, settings, staged: Path, reporter) -> ExportResult:
     from safetensors.torch import save_file
 
-    embeddings = read_tokens(source.tokens_path)
-    hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    for token, embedding in embeddings.items():
-        if embedding.shape[-1] != hidden:
+    from recare_cli.models import SDXL_TOKEN_KEYS, read_learned_tokens, text_encoder_pairs
+
+    pairs = text_encoder_pairs(pipe)
+    widths = [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in pairs]
+    embeddings = read_learned_tokens(source.tokens_path)  # token -> [row per text encoder]
+    for token, rows in embeddings.items():
+        if [row.shape[-1] for row in rows] != widths:
             raise RecareError(
-                f"token '{token}' has {embedding.shape[-1]} dimensions, the base model's text encoder {hidden}",
+                f"token '{token}' has {'+'.join(str(r.shape[-1]) for r in rows)} dimensions, "
+                f"the base model's text encoder(s) {'+'.join(map(str, widths))}",
                 hint="the tokens were learned on another base model; pass that one with --model",
             )
     single = Path(settings.output).suffix == FILE_SUFFIX
@@ -788,28 +805,45 @@ def _export_tokens(pipe, ref, source, settings, staged: Path, reporter) -> Expor
     # Token names become file names: keep them portable (learned names are already plain).
     files = {token: staged if single else staged / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', token)}{FILE_SUFFIX}"
              for token in embeddings}
-    written = {}
-    for token, embedding in embeddings.items():
-        written[token] = embedding.to(_torch_dtype(settings.dtype)).contiguous()
-        save_file({token: written[token]}, str(files[token]),
-                  metadata=_metadata(source, ref, settings, token=token))
+    written = {}  # token -> [row per text encoder], as stored
+    for token, rows in embeddings.items():
+        written[token] = [row.to(_torch_dtype(settings.dtype)).contiguous() for row in rows]
+        # SD: {token: vector}, what load_textual_inversion reads; SDXL: clip_l/clip_g, as A1111 and ComfyUI read it
+        tensors = ({token: written[token][0]} if len(pairs) == 1
+                   else {key: row.reshape(1, -1) for key, row in zip(SDXL_TOKEN_KEYS, written[token])})
+        save_file(tensors, str(files[token]), metadata=_metadata(source, ref, settings, token=token))
 
     try:
-        pipe.load_textual_inversion([str(f) for f in files.values()])
+        if len(pairs) == 1:
+            pipe.load_textual_inversion([str(f) for f in files.values()])
+        else:  # diffusers loads an SDXL embedding one encoder at a time
+            from safetensors.torch import load_file
+
+            for token, file in files.items():
+                state = load_file(str(file))
+                for key, (encoder, tokenizer) in zip(SDXL_TOKEN_KEYS, pairs):
+                    pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
     except ValueError as exc:  # e.g. a token the base tokenizer already has
         raise RecareError(f"export check failed: diffusers could not load the tokens back: {str(exc).splitlines()[0]}",
                           hint="a learned token must not be a word of the base model's vocabulary") from None
-    table = pipe.text_encoder.get_input_embeddings().weight
     diff = 0.0
-    for token, embedding in written.items():
-        vectors = embedding.reshape(-1, hidden)
-        names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-        ids = pipe.tokenizer.convert_tokens_to_ids(names)
-        diff = max(diff, max_abs_diff(table[ids].detach().cpu(), vectors))
+    for token, rows in written.items():
+        for (encoder, tokenizer), row in zip(pairs, rows):
+            table = encoder.get_input_embeddings().weight
+            diff = max(diff, max_abs_diff(table[tokenizer.convert_tokens_to_ids(token)].detach().cpu(), row.reshape(-1)))
     if not single:
-        write_model_card(staged, source, ref, settings, diff,
-                         [f'pipe = StableDiffusionPipeline.from_pretrained("{ref.spec}")']
-                         + [f'pipe.load_textual_inversion("{Path(settings.output) / f.name}")' for f in files.values()])
+        usage = [f'pipe = {type(pipe).__name__}.from_pretrained("{ref.spec}")']
+        for token, file in files.items():
+            path = Path(settings.output) / file.name
+            if len(pairs) == 1:
+                usage.append(f'pipe.load_textual_inversion("{path}")')
+            else:
+                usage += [f'state = safetensors.torch.load_file("{path}")',
+                          f'pipe.load_textual_inversion(state["clip_l"], token="{token}", '
+                          'text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+                          f'pipe.load_textual_inversion(state["clip_g"], token="{token}", '
+                          'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)']
+        write_model_card(staged, source, ref, settings, diff, usage, type(pipe).__name__)
     names = [] if single else sorted(p.name for p in staged.iterdir())
     return ExportResult("tokens", "", ref.spec, settings.dtype, diff, TOLERANCE[settings.dtype],
                         "the learned embeddings", names, {"tokens": list(embeddings)})

@@ -48,16 +48,20 @@ def _package_config(name: str) -> dict:
     return json.loads((Path(__file__).parent / "data" / f"{name}.json").read_text())
 
 
-def build_tiny_random(folder: Path) -> None:
-    """Write the SD-1.x-shaped random-weight pipeline (shared/spec/tiny-random.md) to `folder`."""
+def build_tiny_random(folder: Path, config_name: str = "tiny-random") -> None:
+    """Write an SD-1.x/2.x-shaped random-weight pipeline from its package config to `folder`.
+
+    `tiny-random` is shared/spec/tiny-random.md's SD 1.x shape; `tiny-random-v` the SD 2.x 768 one.
+    """
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from recare_cli.clipvocab import build_tokenizer
 
     quiet_libraries()
-    config = _package_config("tiny-random")
+    config = _package_config(config_name)
     torch.manual_seed(config["seed"])
     unet = UNet2DConditionModel(**config["unet"])
     torch.manual_seed(config["seed"] + 1)
@@ -66,10 +70,40 @@ def build_tiny_random(folder: Path) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
     with tempfile.TemporaryDirectory() as tokenizer_src:
         tokenizer = build_tokenizer(Path(tokenizer_src), **config["tokenizer"])
+    scheduler_class = getattr(diffusers, config.get("scheduler_class", "PNDMScheduler"))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler.from_config(config["scheduler"]),
+        scheduler=scheduler_class.from_config(config["scheduler"]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_random_xl(folder: Path) -> None:
+    """Write the SDXL-shaped random-weight pipeline (data/tiny-random-xl.json) to `folder`."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from recare_cli.clipvocab import build_tokenizer
+
+    quiet_libraries()
+    config = _package_config("tiny-random-xl")
+    torch.manual_seed(config["seed"])
+    unet = UNet2DConditionModel(**config["unet"])
+    torch.manual_seed(config["seed"] + 1)
+    vae = AutoencoderKL(**config["vae"])
+    torch.manual_seed(config["seed"] + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    torch.manual_seed(config["seed"] + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+    with tempfile.TemporaryDirectory() as tokenizer_src:
+        tokenizer = build_tokenizer(Path(tokenizer_src), **config["tokenizer"])
+        tokenizer_2 = build_tokenizer(Path(tokenizer_src), **config["tokenizer_2"])
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(config["scheduler"]),
+        add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 
@@ -87,6 +121,8 @@ TOY_FILES = ("toy/toy.json", "toy/toy.safetensors")  # under recare_cli/data/; a
 # name -> (builder, package data files whose hash decides when a cached copy is stale)
 BUILTIN_MODELS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "tiny-random": (build_tiny_random, ("tiny-random.json",)),
+    "tiny-random-v": (lambda folder: build_tiny_random(folder, "tiny-random-v"), ("tiny-random-v.json",)),
+    "tiny-random-xl": (build_tiny_random_xl, ("tiny-random-xl.json",)),
     "toy": (build_toy, TOY_FILES),
 }
 
@@ -261,19 +297,53 @@ def resolve_dtype(dtype: str, device: str):
 
 # pipelines ----------------------------------------------------------------------------------
 
-def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, single_file_config: str | None = None):
-    """A StableDiffusionPipeline (no safety checker) from a resolved model, on the CPU."""
-    from diffusers import StableDiffusionPipeline
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # SDXL's second text encoder, in its original layout
 
-    kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+
+def pipeline_class_name(ref: ModelRef) -> str:
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, read from the model's own files, never its name.
+
+    A folder says so in model_index.json's `_class_name`; a single file by its keys: only SDXL's
+    original layout has a second text encoder under `conditioner.embedders.1`.
+    """
+    if ref.kind != "single-file":
+        index = json.loads((ref.path / "model_index.json").read_text(encoding="utf-8"))
+        return SDXL_PIPELINE if "XL" in str(index.get("_class_name", "")) else "StableDiffusionPipeline"
+    if ref.path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(ref.path), framework="pt") as handle:
+            keys = handle.keys()
+    else:
+        import torch
+
+        state = torch.load(str(ref.path), map_location="meta", weights_only=True)
+        keys = (state.get("state_dict", state) if isinstance(state, dict) else {}).keys()
+    return SDXL_PIPELINE if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys) else "StableDiffusionPipeline"
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def load_pipeline(ref: ModelRef, *, torch_dtype=None, offline: bool = False, single_file_config: str | None = None):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline (no safety checker) from a resolved model, on the CPU."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, pipeline_class_name(ref))
+    if pipeline_class.__name__ == SDXL_PIPELINE:
+        kwargs = dict(torch_dtype=torch_dtype, add_watermarker=False)  # SDXL has no safety checker
+    else:
+        kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if ref.kind == "single-file":
             # The base model's configs come from the same HF cache that hub ids resolve through.
-            return StableDiffusionPipeline.from_single_file(
+            return pipeline_class.from_single_file(
                 str(ref.path), local_files_only=is_offline(offline), config=single_file_config,
                 cache_dir=hub_cache_dir(), **kwargs
             )
-        return StableDiffusionPipeline.from_pretrained(str(ref.path), local_files_only=True, **kwargs)
+        return pipeline_class.from_pretrained(str(ref.path), local_files_only=True, **kwargs)
     except RecareError:
         raise
     except (OSError, ValueError, KeyError, EnvironmentError) as exc:
@@ -424,21 +494,69 @@ def load_unet_into(pipe, spec: str, path: Path, state: dict) -> None:
         add_learned_tokens(pipe, tokens)
 
 
-def add_learned_tokens(pipe, path: Path) -> list[str]:
-    """Add an erase run's adversarial tokens (tokens.safetensors: name -> embedding) to the pipeline."""
-    import torch
-    from safetensors.torch import load_file
+SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # SDXL embeddings' rows per text encoder, as A1111 and ComfyUI name them
 
-    embeddings = load_file(str(path))
+
+def text_encoder_pairs(pipe) -> list:
+    """(text encoder, tokenizer) pairs of a pipeline: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.text_encoder, pipe.tokenizer)]
+    return pairs + [(pipe.text_encoder_2, pipe.tokenizer_2)] if is_sdxl(pipe) else pairs
+
+
+def learned_tokens_tensors(tokens: dict) -> dict:
+    """What tokens.safetensors holds for {name: [row per text encoder]}.
+
+    SD 1.x/2.x: {name: row}. SDXL: {"clip_l": [n, D1], "clip_g": [n, D2]}, one row per token in the
+    order of the file's `tokens` metadata: the layout SDXL embeddings have everywhere.
+    """
+    import torch
+
+    if all(len(rows) == 1 for rows in tokens.values()):
+        return {name: rows[0] for name, rows in tokens.items()}
+    return {key: torch.stack([rows[i].reshape(-1) for rows in tokens.values()]) for i, key in enumerate(SDXL_TOKEN_KEYS)}
+
+
+def read_learned_tokens(path: Path) -> dict:
+    """{name: [row per text encoder]} from a tokens.safetensors, in the order the run learned them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata() or {}
+    if not tensors:
+        raise RecareError(f"'{path}' holds no token embeddings")
+    try:
+        order = [t for t in json.loads(metadata.get("tokens", "[]")) if isinstance(t, str)]
+    except ValueError:
+        order = []
+    if set(tensors) == set(SDXL_TOKEN_KEYS):
+        count = tensors["clip_l"].shape[0]
+        if len(order) != count or tensors["clip_g"].shape[0] != count:
+            raise RecareError(f"'{path}' holds SDXL embeddings for {count} tokens but names {len(order)} in its metadata")
+        return {name: [tensors[key][i] for key in SDXL_TOKEN_KEYS] for i, name in enumerate(order)}
+    order = [t for t in order if t in tensors]
+    return {t: [tensors[t]] for t in order + sorted(set(tensors) - set(order))}
+
+
+def add_learned_tokens(pipe, path: Path) -> list[str]:
+    """Add an erase run's adversarial tokens (tokens.safetensors) to the pipeline's text encoder(s)."""
+    import torch
+
+    embeddings = read_learned_tokens(path)
     names = [name for name in embeddings if name not in pipe.tokenizer.get_vocab()]
-    if not names:
-        return []
-    pipe.tokenizer.add_tokens(names)
-    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
-    table = pipe.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for name in names:
-            table[pipe.tokenizer.convert_tokens_to_ids(name)] = embeddings[name].reshape(-1).to(table.dtype)
+    pairs = text_encoder_pairs(pipe)
+    for name in names:
+        if len(embeddings[name]) != len(pairs):
+            raise RecareError(f"'{path}' holds {len(embeddings[name])} embedding(s) per token, "
+                              f"this model has {len(pairs)} text encoder(s)",
+                              hint="the tokens were learned on another base model; pass that one with --model")
+    for i, (encoder, tokenizer) in enumerate(pairs):
+        tokenizer.add_tokens(names)
+        encoder.resize_token_embeddings(len(tokenizer))
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for name in names:
+                table[tokenizer.convert_tokens_to_ids(name)] = embeddings[name][i].reshape(-1).to(table.dtype)
     return names
 
 

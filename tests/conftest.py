@@ -47,6 +47,24 @@ def tiny_pipe(tiny_model):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_v_pipe(cache_dir):
+    """The built-in SD-2.x-shaped v-prediction pipeline on the CPU (deep-copy before mutating)."""
+    from recare_cli.models import Runtime
+
+    pipe, _, _ = Runtime("tiny-random-v", device="cpu").pipeline()
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipe(cache_dir):
+    """The built-in SDXL-shaped pipeline on the CPU (deep-copy before mutating)."""
+    from recare_cli.models import Runtime
+
+    pipe, _, _ = Runtime("tiny-random-xl", device="cpu").pipeline()
+    return pipe
+
+
 @pytest.fixture
 def run_cli():
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""

@@ -142,6 +142,30 @@ def test_prefix_with_50_steps_is_ddim_step_for_step(tiny_pipe, times):
     assert torch.allclose(ours, latents, atol=1e-5)
 
 
+def test_prefix_on_a_v_prediction_model_is_ddim_step_for_step(tiny_v_pipe):
+    """tiny-random-v predicts v: the prefix must step as diffusers' DDIMScheduler does on the same outputs."""
+    from diffusers import DDIMScheduler
+
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.denoise import partial_denoise
+
+    models = EraseModels.from_pipeline(copy.deepcopy(tiny_v_pipe), "cpu")
+    assert models.times.prediction_type == "v_prediction"
+    embeds = models.embed(["", "a photo of a cat"])
+    k = 4
+    latents_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(k))
+    ours = partial_denoise(models.eps, latents_T, embeds, models.times, k, prefix_steps=50)
+
+    ddim = DDIMScheduler.from_config(tiny_v_pipe.scheduler.config)
+    ddim.set_timesteps(50)
+    latents = latents_T
+    for t in ddim.timesteps[:k]:
+        v_uncond, v_cond = models.eps(torch.cat([latents, latents]), int(t), embeds).chunk(2)
+        latents = ddim.step(v_uncond + 3 * (v_cond - v_uncond), t, latents).prev_sample
+    assert torch.allclose(ours, latents, atol=1e-5)
+    assert (ours - latents_T).abs().max() > 1e-3  # it did step
+
+
 @pytest.mark.parametrize("k", [1, 2, 17, 48])
 def test_fewer_prefix_steps_end_at_the_same_noise_level(times, k):
     exact = times.prefix_timesteps(k, 50)
@@ -286,6 +310,42 @@ def test_inversion_moves_only_the_new_token_row(models, tmp_path):
     moved = (after != before).any(dim=1).nonzero().flatten().tolist()
     assert moved == [token_id]
     assert torch.equal(after[token_id], learned)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inversion_regresses_onto_the_schedulers_training_target(tiny_v_pipe, prediction_type, tmp_path, monkeypatch):
+    """Noise for an epsilon model, get_velocity(latents_0, noise, t) for a v model (SD 2.x 768)."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    from recare_cli.builtins.concept_types import OBJECT_TEMPLATES
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.inversion import InversionSettings, add_token, initializer_id, inversion_stage
+    from recare_cli.erase.loop import StageLoop
+
+    pipe = copy.deepcopy(tiny_v_pipe)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    models = EraseModels.from_pipeline(pipe, "cpu")
+    Image.fromarray(np.full((48, 40, 3), 90, dtype=np.uint8)).save(tmp_path / "0.png")
+    init_row = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, "person")]
+    token_id = add_token(models, "token_testvpred", init_row.detach().clone())
+
+    seen = {}  # what the step noised, what the UNet answered, the loss it reported
+    add_noise, predict = models.scheduler.add_noise, models.eps
+    monkeypatch.setattr(models.scheduler, "add_noise", lambda x0, noise, t: seen.update(x0=x0, noise=noise, t=t)
+                        or add_noise(x0, noise, t))
+    monkeypatch.setattr(models, "eps", lambda *a, **kw: seen.setdefault("out", predict(*a, **kw)))
+    loop = StageLoop(tmp_path, "inv", 1, 0, 1000)
+    monkeypatch.setattr(loop, "step_done", lambda step, **losses: seen.update(loss=losses["loss"].item()))
+    inversion_stage(models, token_id, [tmp_path / "0.png"], OBJECT_TEMPLATES, "token_testvpred",
+                    InversionSettings(steps=1, lr=5e-3, resolution=64), loop)
+
+    out = seen["out"].detach()
+    velocity = models.scheduler.get_velocity(seen["x0"], seen["noise"], seen["t"])
+    target = velocity if prediction_type == "v_prediction" else seen["noise"]
+    other = seen["noise"] if prediction_type == "v_prediction" else velocity
+    assert seen["loss"] == pytest.approx(torch.nn.functional.mse_loss(out, target).item(), rel=1e-5)
+    assert seen["loss"] != pytest.approx(torch.nn.functional.mse_loss(out, other).item(), rel=1e-3)
 
 
 def test_initializer_must_be_one_token(models):

@@ -69,7 +69,8 @@ def _option(name: str, annotation, default, help: str, *flags: str, **kwargs) ->
 def _common_parameters(default_model: str) -> list[inspect.Parameter]:
     return [
         _option("model", str, default_model,
-                "Base model: HF repo id, diffusers folder, .safetensors/.ckpt file, or a built-in (toy, tiny-random).",
+                "Base model (SD 1.x, SD 2.x, SDXL; the family is read from its files): HF repo id, diffusers folder, "
+                "SD/SDXL .safetensors/.ckpt file, or a built-in (toy, tiny-random, tiny-random-v, tiny-random-xl).",
                 "--model"),
         _option("device", str, "auto", "auto, cpu, cuda, cuda:N or mps.", "--device",
                 autocompletion=_complete_device),

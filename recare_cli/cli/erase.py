@@ -103,6 +103,9 @@ def erase(
                                                   rich_help_panel=SPEED)] = 100,
     save_pt: Annotated[bool, typer.Option(help="Also write the reference's ReCARE-Diffusers-UNet.pt.",
                                           rich_help_panel=SPEED)] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute UNet activations in the backward pass: less memory (SDXL), slower; same weights.",
+        rich_help_panel=SPEED)] = False,
     output_dir: Annotated[Optional[Path], typer.Option(
         help="Run directory (default runs/<concept>-<method>-<hash>); rerunning resumes it.",
         rich_help_panel=SPEED)] = None,
@@ -152,7 +155,7 @@ def erase(
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,
         report_to=report_to, output_dir=output_dir, preserve=preserve or [], guide=guide, uce_erase_scale=uce_erase_scale,
         uce_preserve_scale=uce_preserve_scale, uce_lamb=uce_lamb, uce_expand=uce_expand,
-        command=shlex.join(["recare", *sys.argv[1:]]),
+        gradient_checkpointing=gradient_checkpointing, command=shlex.join(["recare", *sys.argv[1:]]),
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter

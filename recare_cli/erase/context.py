@@ -3,6 +3,11 @@
 The UNet is loaded once in float32 (training weights); `--dtype fp16/bf16` only turns on autocast.
 Frozen predictions reuse the same UNet with the trainable weights swapped for a snapshot
 (`torch.func.functional_call`), so only the trained subset is ever held twice.
+
+Text conditionings ("embeds") are plain [B, L, D] tensors for every model family, so stages can
+concatenate, expand and slice them freely. For SDXL the UNet also needs the second encoder's
+pooled embedding: it rides along as one extra last row (zero-padded to D) and `condition` splits
+it off, together with the size/crop time ids, right before every UNet call.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from recare_cli.erase.denoise import DDIMTimes
@@ -42,6 +48,8 @@ class EraseModels:
     autocast_dtype: torch.dtype | None = None
     counter: ForwardCounter | None = None
     pipe: object = None  # the pipeline the models came from, to render training images with
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP-bigG) encoder; None for SD 1.x/2.x
+    tokenizer_2: object = None
     _embeds: dict = field(default_factory=dict)
 
     @classmethod
@@ -49,12 +57,20 @@ class EraseModels:
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-        pipe.text_encoder.eval()
-        pipe.vae.eval()
+        text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, DDIMTimes(scheduler),
-                   device, autocast_dtype, ForwardCounter(pipe.unet), pipe)
+                   device, autocast_dtype, ForwardCounter(pipe.unet), pipe,
+                   text_encoder_2, getattr(pipe, "tokenizer_2", None))
+
+    @property
+    def text_encoders(self) -> list:
+        """(text encoder, tokenizer) pairs: one for SD 1.x/2.x, two for SDXL."""
+        pairs = [(self.text_encoder, self.tokenizer)]
+        return pairs + [(self.text_encoder_2, self.tokenizer_2)] if self.text_encoder_2 is not None else pairs
 
     @classmethod
     def load(cls, runtime, unet: str | None = None) -> "EraseModels":
@@ -71,18 +87,61 @@ class EraseModels:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
 
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def vae_autocast(self):
+        """SDXL's VAE overflows in fp16 (its config says force_upcast): it always runs in float32."""
+        if getattr(self.vae.config, "force_upcast", False):
+            return contextlib.nullcontext()
+        return self.autocast()
+
+    def token_ids(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode(self, prompts: list[str], tables: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Text conditioning, [len(prompts), L, D]: SD's last hidden states; SDXL's as its pipeline builds them.
+
+        `tables` replaces each text encoder's token-embedding matrix for this call (textual
+        inversion trains one row of them); gradients flow into it.
+        """
+        sdxl = self.text_encoder_2 is not None
+        outputs = []
+        for i, (encoder, tokenizer) in enumerate(self.text_encoders):
+            args, kwargs = (self.token_ids(prompts, tokenizer),), {"output_hidden_states": sdxl}
+            if tables is None:
+                outputs.append(encoder(*args, **kwargs))
+            else:
+                outputs.append(functional_call(encoder, {embedding_matrix_name(encoder): tables[i]}, args, kwargs))
+        if not sdxl:
+            return outputs[0][0]
+        # SDXL conditions on both encoders' penultimate layers side by side, and on the second's
+        # pooled, projected embedding (StableDiffusionXLPipeline.encode_prompt).
+        hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+        pooled = outputs[1].text_embeds
+        pooled_row = F.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1])).unsqueeze(1)
+        return torch.cat([hidden, pooled_row], dim=1)
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder last hidden states, [len(prompts), L, D]; cached while the encoder is frozen."""
+        """`encode` with the frozen encoders, cached until a token is learned."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:
-            hidden = self.text_encoder(self.token_ids(missing))[0]
-            self._embeds.update(zip(missing, hidden))
+            self._embeds.update(zip(missing, self.encode(missing)))
         return torch.stack([self._embeds[p] for p in prompts])
+
+    def condition(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """(encoder_hidden_states, added_cond_kwargs) of one UNet call, for any model family.
+
+        SDXL's UNet also takes the pooled text embedding and the time ids: original size, crop
+        top-left, target size, as its pipeline sets them by default (the rendered size, no crop).
+        """
+        if self.text_encoder_2 is None:
+            return embeds, None
+        prompt_embeds, pooled = embeds[:, :-1], embeds[:, -1, : self.text_encoder_2.config.projection_dim]
+        height, width = (side * self.vae_factor for side in latents.shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=prompt_embeds.dtype,
+                                device=prompt_embeds.device).expand(len(prompt_embeds), -1)
+        return prompt_embeds, {"text_embeds": pooled, "time_ids": time_ids}
 
     def forget_embeddings(self) -> None:
         """The text encoder changed (a token was learned): cached prompt embeddings are stale."""
@@ -90,19 +149,24 @@ class EraseModels:
 
     def eps(self, latents: torch.Tensor, t: int | torch.Tensor, embeds: torch.Tensor,
             weights: dict | None = None) -> torch.Tensor:
-        """UNet noise prediction; `weights` replaces some parameters (a frozen snapshot) for this call."""
+        """The UNet's output (noise, or v: the scheduler's prediction_type); `weights` replaces some
+        parameters (a frozen snapshot) for this call."""
         timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=self.device)
+        prompt_embeds, added_cond_kwargs = self.condition(latents, embeds)
+        conditioning = {"encoder_hidden_states": prompt_embeds, "added_cond_kwargs": added_cond_kwargs}
         with self.autocast():
             if weights is None:
-                out = self.unet(latents, timestep, encoder_hidden_states=embeds).sample
+                out = self.unet(latents, timestep, **conditioning).sample
             else:
-                out = functional_call(self.unet, weights, (latents, timestep),
-                                      {"encoder_hidden_states": embeds}, strict=False).sample
+                out = functional_call(self.unet, weights, (latents, timestep), conditioning, strict=False).sample
         return out.float()
 
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (1, self.unet.config.in_channels, resolution // factor, resolution // factor)
+        return (1, self.unet.config.in_channels, resolution // self.vae_factor, resolution // self.vae_factor)
 
     @property
     def vae_scale(self) -> float:
@@ -138,6 +202,12 @@ def no_grad_into(module: torch.nn.Module):
     finally:
         for p in wanted:
             p.requires_grad_(True)
+
+
+def embedding_matrix_name(text_encoder) -> str:
+    """The parameter name of the encoder's token-embedding matrix (transformers' layout varies by version)."""
+    matrix = text_encoder.get_input_embeddings().weight
+    return next(name for name, p in text_encoder.named_parameters() if p is matrix)
 
 
 def snapshot(params: dict) -> dict:

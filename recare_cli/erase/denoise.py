@@ -4,6 +4,10 @@ Each iteration draws k in 1..48, runs DDIM (eta 0) from pure noise for the first
 50-step schedule with guidance 3 on the erase prompt, and trains at the 1000-step schedule's
 timestep at the same fraction of the trajectory. `prefix_steps` < 50 reaches the same noise level
 with fewer, larger DDIM steps (perf-notes.md); 50 reproduces the spec step for step.
+
+The UNet's output is what the scheduler config says it predicts (`prediction_type`): noise for SD
+1.x and SD 2.x-base, v for SD 2.x 768 models. Guidance combines outputs in that space, and each
+DDIM step converts the guided output to (x_0, noise) exactly as diffusers' DDIMScheduler does.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recare_cli.errors import RecareError
+
 NSTEPS = 50
 PREFIX_GUIDANCE = 3.0
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class DDIMTimes:
@@ -30,6 +37,10 @@ class DDIMTimes:
         self.alphas_cumprod = ddim.alphas_cumprod
         self.final_alpha_cumprod = ddim.final_alpha_cumprod
         self.init_noise_sigma = float(ddim.init_noise_sigma)
+        self.prediction_type = ddim.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise RecareError(f"the model's scheduler predicts '{self.prediction_type}', which recare cannot train",
+                              hint=f"models predicting {' or '.join(PREDICTION_TYPES)} are supported")
 
     def alpha(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
@@ -50,9 +61,18 @@ class DDIMTimes:
         return [int(t) for t in np.rint(np.linspace(start, end, m + 1))]
 
 
-def ddim_step(latents_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+def ddim_step(latents_t: torch.Tensor, model_output: torch.Tensor, alpha_t: torch.Tensor,
+              alpha_prev: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
     """One deterministic DDIM step (eta 0), written as diffusers' DDIMScheduler.step computes it."""
-    pred_original = (latents_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5
+    if prediction_type == "epsilon":
+        eps = model_output
+        pred_original = (latents_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5
+    elif prediction_type == "v_prediction":
+        pred_original = alpha_t ** 0.5 * latents_t - (1 - alpha_t) ** 0.5 * model_output
+        eps = alpha_t ** 0.5 * model_output + (1 - alpha_t) ** 0.5 * latents_t
+    else:  # "sample": the output is x_0 itself
+        pred_original = model_output
+        eps = (latents_t - alpha_t ** 0.5 * pred_original) / (1 - alpha_t) ** 0.5
     return alpha_prev ** 0.5 * pred_original + (1 - alpha_prev) ** 0.5 * eps
 
 
@@ -68,14 +88,17 @@ def draw_training_latent(models, embeds_uncond_cond: torch.Tensor, resolution: i
 @torch.no_grad()
 def partial_denoise(predict, latents_T: torch.Tensor, embeds_uncond_cond: torch.Tensor,
                     times: DDIMTimes, k: int, prefix_steps: int = NSTEPS) -> torch.Tensor:
-    """z_k: the prefix from `latents_T` with guidance 3, `predict(latents, t, embeds)` giving eps.
+    """z_k: the prefix from `latents_T` with guidance 3, `predict(latents, t, embeds)` giving the model's output.
 
     `embeds_uncond_cond` is [2, L, D]: the empty prompt's embedding, then the erase prompt's.
     """
     levels = times.prefix_timesteps(k, prefix_steps)
     latents = latents_T
     for t, t_prev in zip(levels[:-1], levels[1:]):
-        eps_uncond, eps_cond = predict(torch.cat([latents, latents]), t, embeds_uncond_cond).chunk(2)
-        eps = eps_uncond + PREFIX_GUIDANCE * (eps_cond - eps_uncond)
-        latents = ddim_step(latents, eps, times.alpha(t), times.alpha(t_prev))
+        out_uncond, out_cond = predict(torch.cat([latents, latents]), t, embeds_uncond_cond).chunk(2)
+        # Guidance in the output's own space, as diffusers' pipelines apply it: for a fixed latent
+        # and t, noise, v and x_0 are affine functions of each other, and a weighted sum whose
+        # weights add up to 1 commutes with any affine map, so this is the same guided step in each.
+        guided = out_uncond + PREFIX_GUIDANCE * (out_cond - out_uncond)
+        latents = ddim_step(latents, guided, times.alpha(t), times.alpha(t_prev), times.prediction_type)
     return latents

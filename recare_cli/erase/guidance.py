@@ -2,6 +2,14 @@
 
 Every tensor is [B, C, H, W]; projections are per sample over (C, H, W), in float64 as the
 reference computes them, and returned in the input dtype.
+
+The `eps_*` tensors are the UNet's outputs in whatever it predicts (noise, or v for SD 2.x 768
+models), and the targets stay in that space. For a fixed latent and timestep, v = eps / sqrt(a) -
+sqrt((1 - a) / a) x_t is an affine function of the noise, and every target here is a weighted sum
+of outputs whose weights add up to 1, which commutes with an affine map: with the default knobs
+(eta 1, no clipping, no momentum) the v-space target is exactly the v of the noise-space target.
+Only the optional APG projection onto `p` (eta != 1) differs between spaces, as it does in every
+pipeline applying APG to the model's raw output.
 """
 
 from __future__ import annotations

@@ -5,7 +5,11 @@ copy of the embedding matrix inside the forward (`functional_call`), so every ot
 touched -- the same result as the reference's "train the whole matrix, restore the other rows",
 since AdamW updates each element independently, without a 49,408-row gradient each step. The
 UNet weights an erase stage trains are switched off for the inversion, so backward never computes
-their gradients. VAE latent distributions depend only on (image, flip) and are computed once each.
+their gradients.
+SDXL has two text encoders: the token gets a row in each and both train together, as diffusers'
+SDXL textual-inversion example does; a token's embedding is then both rows end to end
+(`split_rows` cuts it per encoder).
+VAE latent distributions depend only on (image, flip) and are computed once each.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from recare_cli.erase.context import EraseModels, no_grad_into
 from recare_cli.erase.loop import StageLoop
@@ -54,16 +57,33 @@ def new_token_name(seed: int, round_index: int, taken) -> str:
             return name
 
 
+def split_rows(models: EraseModels, embedding: torch.Tensor) -> list[torch.Tensor]:
+    """A token's embedding, one row per text encoder (SDXL: CLIP-L's, then OpenCLIP-bigG's)."""
+    widths = [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in models.text_encoders]
+    return list(embedding.reshape(-1).split(widths))
+
+
 def add_token(models: EraseModels, name: str, embedding: torch.Tensor) -> int:
-    """Add `name` to the tokenizer and its embedding row to the text encoder; return its id."""
-    if models.tokenizer.add_tokens([name]) != 1:
-        raise RecareError(f"token '{name}' already exists in the tokenizer")
-    models.text_encoder.resize_token_embeddings(len(models.tokenizer))
-    token_id = models.tokenizer.convert_tokens_to_ids(name)
-    with torch.no_grad():
-        models.text_encoder.get_input_embeddings().weight[token_id] = embedding.to(models.device)
+    """Add `name` to every tokenizer and its row(s) to every text encoder; return its id (the same in each)."""
+    ids = set()
+    for (encoder, tokenizer), row in zip(models.text_encoders, split_rows(models, embedding), strict=True):
+        if tokenizer.add_tokens([name]) != 1:
+            raise RecareError(f"token '{name}' already exists in the tokenizer")
+        encoder.resize_token_embeddings(len(tokenizer))
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight[token_id] = row.to(models.device)
+        ids.add(token_id)
+    if len(ids) != 1:
+        raise RecareError(f"token '{name}' got different ids in the model's two tokenizers: {sorted(ids)}",
+                          hint="the tokenizers of this model do not share one vocabulary")
     models.forget_embeddings()
-    return token_id
+    return ids.pop()
+
+
+def token_embedding(models: EraseModels, token_id: int) -> torch.Tensor:
+    """The embedding of `token_id`: its row in every text encoder, end to end."""
+    return torch.cat([encoder.get_input_embeddings().weight[token_id].detach() for encoder, _ in models.text_encoders])
 
 
 # images --------------------------------------------------------------------------------------
@@ -110,7 +130,7 @@ class LatentCache:
             if index not in self._pixels:
                 self._pixels[index] = load_pixels(self.images[index], self.settings.resolution, self.settings.center_crop)
             pixels = self._pixels[index].flip(-1) if flip else self._pixels[index]
-            with self.models.autocast():
+            with self.models.vae_autocast():
                 dist = self.models.vae.encode(pixels.unsqueeze(0).to(self.models.device)).latent_dist
             self._dists[key] = (dist.mean.float(), dist.std.float())
         return self._dists[key]
@@ -123,15 +143,25 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def training_target(scheduler, latents_0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet was trained to predict from `add_noise(latents_0, noise, t)`, as diffusers' training scripts set it."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents_0, noise, timesteps)
+    if prediction_type == "sample":
+        return latents_0
+    return noise
+
+
 def inversion_stage(models: EraseModels, token_id: int, images: list[Path], templates: tuple[str, ...],
                     token: str, settings: InversionSettings, loop: StageLoop) -> torch.Tensor:
     """Learn the embedding of `token` (already added, initialised); return it and write it in."""
-    embedding_matrix = models.text_encoder.get_input_embeddings().weight
-    token_row = torch.nn.Parameter(embedding_matrix[token_id].detach().clone())
+    matrices = [encoder.get_input_embeddings().weight for encoder, _ in models.text_encoders]
+    token_row = torch.nn.Parameter(token_embedding(models, token_id).clone())
     optimizer = torch.optim.AdamW([token_row], lr=settings.lr)
     latents_cache = LatentCache(models, images, settings)
-    frozen_matrix = embedding_matrix.detach()
-    matrix_name = next(n for n, p in models.text_encoder.named_parameters() if p is embedding_matrix)
+    frozen_matrices = [matrix.detach() for matrix in matrices]
+    token_index = (torch.tensor([token_id], device=models.device),)
     start = loop.resume({"token_row": token_row}, optimizer)
     with no_grad_into(models.unet):  # only the token row learns
         for step in range(start, settings.steps):
@@ -146,19 +176,19 @@ def inversion_stage(models: EraseModels, token_id: int, images: list[Path], temp
             latents_t = models.scheduler.add_noise(latents_0, noise, timesteps)
 
             optimizer.zero_grad(set_to_none=True)
-            matrix_with_token = frozen_matrix.index_put((torch.tensor([token_id], device=models.device),),
-                                                        token_row.unsqueeze(0))
+            tables = [matrix.index_put(token_index, row.unsqueeze(0))
+                      for matrix, row in zip(frozen_matrices, split_rows(models, token_row))]
             with models.autocast():
-                embeds_caption = functional_call(models.text_encoder, {matrix_name: matrix_with_token},
-                                                 (models.token_ids([caption]),))[0]
-            eps_pred = models.eps(latents_t, timesteps, embeds_caption)
-            loss = F.mse_loss(eps_pred, noise)
+                embeds_caption = models.encode([caption], tables)
+            prediction = models.eps(latents_t, timesteps, embeds_caption)
+            loss = F.mse_loss(prediction, training_target(models.scheduler, latents_0, noise, timesteps))
             loss.backward()
             optimizer.step()
             loop.step_done(step, loss=loss)
 
     learned = token_row.detach().clone()
     with torch.no_grad():
-        embedding_matrix[token_id] = learned
+        for matrix, row in zip(matrices, split_rows(models, learned)):
+            matrix[token_id] = row
     models.forget_embeddings()
     return learned

@@ -2,7 +2,7 @@
 
 Run directory (read by `export`, `eval` and `generate --unet`):
     unet.safetensors           full UNet state dict, diffusers keys (metadata: concept, method, base_model…); every method
-    tokens.safetensors         learned tokens, keyed by token string (metadata: tokens, initializer); recare only
+    tokens.safetensors         learned tokens, keyed by token string; SDXL: clip_l/clip_g rows (metadata: tokens, initializer)
     careset.json               the CARE set used; recare, and uce --preserve careset
     recare-run.json            manifest: command, parameters, seeds, versions, input hashes, stage timings
     losses.jsonl               one line per training step
@@ -45,7 +45,8 @@ METHOD_DEFAULTS = {
 CARESET_PRESERVE = "careset"  # `--preserve careset`: UCE keeps the CARE set's words
 # Fields that change where or how often things are written, never the weights; input folders and
 # files enter the run hash by content (input_hashes), not by path.
-NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command", "images", "careset", "care_vocab")
+NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command", "images", "careset", "care_vocab",
+              "gradient_checkpointing")
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
@@ -96,6 +97,7 @@ class EraseRequest:
     checkpoint_every: int = 100
     save_pt: bool = False
     report_to: str | None = None  # "tensorboard": losses and sample images under <run dir>/logs
+    gradient_checkpointing: bool = False
     output_dir: Path | None = None
     # UCE (recare_cli/erase/uce.py); defaults of uce_sd_erase.py
     preserve: list[str] = field(default_factory=list)  # words, or ["careset"]
@@ -394,7 +396,10 @@ def _stage_names(request: EraseRequest, need_images: bool, need_careset: bool) -
 def _load_models(runtime: Runtime, request: EraseRequest):
     from recare_cli.erase.context import EraseModels
 
-    return EraseModels.load(runtime)
+    models = EraseModels.load(runtime)
+    if request.gradient_checkpointing:  # only trained forwards (unet.train(), grad on) recompute
+        models.unet.enable_gradient_checkpointing()
+    return models
 
 
 # training ----------------------------------------------------------------------------------------
@@ -405,7 +410,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
     from recare_cli.erase.context import load_into, snapshot
     from recare_cli.erase.guidance import GuidanceKnobs
     from recare_cli.erase.inversion import (
-        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, round_subset,
+        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, round_subset, token_embedding,
     )
     from recare_cli.erase.loop import StageLoop
     from recare_cli.erase.params import select_trainable
@@ -458,8 +463,8 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
             stages.reused(name)
             continue
         token = new_token_name(request.seed, r, set(models.tokenizer.get_vocab()))
-        init_row = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, plans[0].initializer_token)]
-        token_id = add_token(models, token, init_row.detach().clone())
+        init_embedding = token_embedding(models, initializer_id(models.tokenizer, plans[0].initializer_token))
+        token_id = add_token(models, token, init_embedding.clone())
         with stages.stage(name, request.ti_steps) as task:
             stage_loop = loop(name, request.ti_steps, task)
             learned = inversion_stage(models, token_id, round_subset(images, request.rounds, r), plans[0].templates, token,
@@ -533,7 +538,10 @@ def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: d
     unet_path = run_dir / UNET_FILE
     write_safetensors(unet_path, state, metadata)
     if tokens:
-        write_safetensors(run_dir / TOKENS_FILE, dict(tokens),
+        from recare_cli.erase.inversion import split_rows
+        from recare_cli.models import learned_tokens_tensors
+
+        write_safetensors(run_dir / TOKENS_FILE, learned_tokens_tensors({t: split_rows(models, e) for t, e in tokens}),
                       {"tokens": json.dumps([t for t, _ in tokens]), "initializer": plans[0].initializer_token})
     if request.save_pt:
         with atomic_path(run_dir / PT_FILE) as tmp:
