@@ -31,7 +31,8 @@ from typing import get_args, get_type_hints
 from rich.markup import escape
 
 from recare_cli.config import tomllib
-from recare_cli.erase.run import METHODS, EraseRequest, EraseResult, check_request
+from recare_cli.erase.request import METHODS, EraseRequest, check_request
+from recare_cli.erase.run import EraseResult
 from recare_cli.errors import Interrupted, RecareError, UsageError
 from recare_cli.models import Runtime
 from recare_cli.output import QUIET_REPORTER, Reporter
