@@ -51,13 +51,15 @@ class SnapshotReporter:
     def event(self, kind, **data):
         self.inner.event(kind, **data)
         if kind == "checkpoint" and data.get("stage") == self.stage:
-            import torch
-            from safetensors.torch import save_file
+            from safetensors.torch import load_file, save_file
 
-            saved = torch.load(self.run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+            from recare_cli.erase.loop import CHECKPOINT
+
+            saved = load_file(str(self.run_dir / CHECKPOINT))  # tensors only: checkpoints hold no pickle
+            params = {k[len("param/"):]: v for k, v in saved.items() if k.startswith("param/")}
             out = self.run_dir / "snapshots"
             out.mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in saved["params"].items()}, str(out / f"{self.stage}-{data['step']}.safetensors"))
+            save_file(params, str(out / f"{self.stage}-{data['step']}.safetensors"))
 
 
 def finished(run_dir: Path) -> bool:
@@ -292,7 +294,6 @@ def seconds(model: dict) -> float | None:
 
 def edit_uce(runs: Path, reporter) -> None:
     """The UCE models: seconds each; `--preserve careset` reads the ReCARE default's CARE set."""
-    from dataclasses import replace
 
     careset = runs / "recare-p10-s42" / "careset.json"
     for scale in UCE_SCALES:

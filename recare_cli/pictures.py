@@ -185,6 +185,8 @@ def _save_figure(figure, path: str | os.PathLike) -> tuple[int, int]:
 def read_losses(path: str | os.PathLike) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """losses.jsonl as stage -> loss name -> [(step, value)], in the order the stages ran."""
     stages: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    if not Path(path).is_file():
+        return stages  # nothing trained step by step (UCE's closed-form edit)
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)

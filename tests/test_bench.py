@@ -23,6 +23,9 @@ def test_gpu_mode_dry_run_builds_sd14_shaped_models_and_reports_every_stage():
 def _bench_erase():
     import importlib.util
 
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))  # bench/erase.py imports its sibling bench_setting.py, as a script does
+
     spec = importlib.util.spec_from_file_location("bench_erase", ROOT / "bench" / "erase.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

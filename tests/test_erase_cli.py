@@ -318,9 +318,9 @@ def test_esd_is_one_erase_stage_and_same_seed_gives_identical_weights(run_cli, i
     events = EventAccumulator(str(outs[1] / "logs"), size_guidance={"images": 0})
     events.Reload()
     logged = [json.loads(line) for line in (outs[1] / "losses.jsonl").read_text().splitlines()]
-    assert [(e.step, e.value) for e in events.Scalars("erase-0/loss")] == [
+    assert [(e.step, e.value) for e in events.Scalars("esd/loss")] == [
         (e["step"], pytest.approx(e["loss"])) for e in logged]
-    samples = [tag for tag in events.Tags()["images"] if tag.startswith("erase-0/samples/")]
+    samples = [tag for tag in events.Tags()["images"] if tag.startswith("esd/samples/")]
     assert len(samples) == 2 and all(events.Images(tag)[0].width == 64 for tag in samples)
 
     wrong = run_cli(*tiny_args(inputs, tmp_path / "d", "--method", "esd", "--report-to", "wandb"))

@@ -252,8 +252,8 @@ def test_bad_input(tmp_path, prompt_files, run_cli, args, code, message):
 def test_unwritable_output_dir(prompt_files, run_cli):
     out = prompt_files["a-file"] / "images"  # below a regular file: no one can create it
     result = run_cli("generate", "--prompt", "a cat", *TINY_ARGS, "--output-dir", out)
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: cannot write to output directory '{out}'")
+    assert result.exit_code == 2  # a usage error: the path names a file as a folder
+    assert result.stderr.startswith(f"Error: cannot write to --output-dir '{out}'")
     assert len(result.stderr.splitlines()) == 1
 
 

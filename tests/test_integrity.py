@@ -260,7 +260,7 @@ def test_weights_that_explode_are_never_saved(run_cli, images, tmp_path, monkeyp
     """An optimizer step that makes the UNet non-finite: at the first step (before any checkpoint) or the last."""
     from recare_cli.cache import lookup_erased
 
-    real_step = torch.optim.AdamW.step
+    real_step = torch.optim.Adam.step
     calls = {"n": 0}
 
     def exploding_step(self, *args, **kwargs):
@@ -271,13 +271,13 @@ def test_weights_that_explode_are_never_saved(run_cli, images, tmp_path, monkeyp
         calls["n"] += 1
         return out
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", exploding_step)
+    monkeypatch.setattr(torch.optim.Adam, "step", exploding_step)  # ESD's optimizer, as published
     out = tmp_path / "run"
     result = run_cli(*esd_args(images, out, "--seed", str(100 + explode_at)))
     line = one_error_line(result.stderr)
     assert result.exit_code == 1
-    assert "stage erase-0" in line and "not finite" in line and "lower the learning rate" in line
-    assert not (out / "unet.safetensors").exists() and not (out / "stages" / "erase-0.safetensors").exists()
+    assert "stage esd" in line and "not finite" in line and "lower the learning rate" in line
+    assert not (out / "unet.safetensors").exists() and not (out / "stages" / "esd.safetensors").exists()
     manifest = json.loads((out / RUN_RECORD).read_text())
     assert manifest["status"] == "failed"
     assert lookup_erased(cache_dir, manifest["cache_name"]) is None

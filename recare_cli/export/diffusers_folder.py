@@ -13,7 +13,7 @@ from recare_cli.export.check import (
 from recare_cli.export.settings import FILE_SUFFIX, ExportResult, ExportSettings
 from recare_cli.export.source import ExportSource
 from recare_cli.export.writing import _cast, _erased_pipeline, _metadata
-from recare_cli.models import ModelRef
+from recare_cli.models import ModelRef, is_sdxl
 
 MODEL_CARD = "README.md"
 
@@ -41,8 +41,9 @@ def _export_diffusers(pipe, ref, source, settings, staged: Path, reporter) -> Ex
     _erased_pipeline(pipe, source)
     reference = unet_probe(pipe.unet)
     checker = base_safety_checker(ref) if settings.safety_checker else None
-    pipe.register_modules(safety_checker=checker)
-    pipe.register_to_config(requires_safety_checker=checker is not None)
+    if not is_sdxl(pipe):  # SDXL pipelines have no safety checker
+        pipe.register_modules(safety_checker=checker)
+        pipe.register_to_config(requires_safety_checker=checker is not None)
     variant = None if settings.dtype == "fp32" else settings.dtype
     pipe.to(_torch_dtype(settings.dtype))
     pipe.save_pretrained(staged, safe_serialization=True, variant=variant)
