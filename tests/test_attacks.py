@@ -185,7 +185,19 @@ def test_concept_inversion_leaves_the_attacked_model_unchanged(tiny_models, tmp_
 
 # the command -------------------------------------------------------------------------------
 
-def test_unlearndiffatk_attacks_both_models_and_resumes(tmp_path, run_dir, run_cli, seen_metric):
+def test_unlearndiffatk_attacks_both_models_and_resumes(tmp_path, run_dir, run_cli, seen_metric, monkeypatch):
+    from PIL import Image
+
+    from recare_cli import pictures
+
+    real_grid, grid_rows = pictures.eval_grid, []
+
+    def spy_grid(models, records, path, **kwargs):
+        models = list(models)
+        grid_rows.append([label for label, _ in models])
+        return real_grid(models, records, path, **kwargs)
+
+    monkeypatch.setattr(pictures, "eval_grid", spy_grid)
     out = tmp_path / "out"
     args = ["eval", *TINY, "-m", seen_metric, "--unet", run_dir, "--compare", "base", "-p", "a red apple",
             "--num-images", "2", *FAST, "--attack", "unlearndiffatk", "--attack-steps", "2", "--attack-tokens", "2",
@@ -195,6 +207,11 @@ def test_unlearndiffatk_attacks_both_models_and_resumes(tmp_path, run_dir, run_c
     lines = json_lines(result)
     attacked = [line for line in lines if line.get("event") == "attacked"]
     assert sorted((a["model"], a["seed"]) for a in attacked) == [("base", 42), ("base", 43), ("erased", 42), ("erased", 43)]
+    # grid.png: base above erased, then a row for each attacked model.
+    assert grid_rows[0][:2] == ["base", "erased"]
+    assert sorted(grid_rows[0][2:]) == ["base+unlearndiffatk", "erased+unlearndiffatk"]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.height > grid.width / 4
 
     for label in ("erased", "base"):
         folder = out / "attacks" / f"{label}+unlearndiffatk"
