@@ -54,20 +54,13 @@ def build_tiny_random(folder: Path, config_name: str = "tiny-random") -> None:
     `tiny-random` is shared/spec/tiny-random.md's SD 1.x shape; `tiny-random-v` the SD 2.x 768 one.
     """
     import diffusers
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     from recare_cli.clipvocab import build_tokenizer
 
     quiet_libraries()
     config = _package_config(config_name)
-    torch.manual_seed(config["seed"])
-    unet = UNet2DConditionModel(**config["unet"])
-    torch.manual_seed(config["seed"] + 1)
-    vae = AutoencoderKL(**config["vae"])
-    torch.manual_seed(config["seed"] + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    unet, vae, text_encoder = _seeded_parts(config)
     with tempfile.TemporaryDirectory() as tokenizer_src:
         tokenizer = build_tokenizer(Path(tokenizer_src), **config["tokenizer"])
     scheduler_class = getattr(diffusers, config.get("scheduler_class", "PNDMScheduler"))
@@ -79,22 +72,31 @@ def build_tiny_random(folder: Path, config_name: str = "tiny-random") -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_tiny_random_xl(folder: Path) -> None:
-    """Write the SDXL-shaped random-weight pipeline (data/tiny-random-xl.json) to `folder`."""
+def _seeded_parts(config: dict):
+    """The UNet, VAE and (first) text encoder of a built-in random model, each from its own seed."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from recare_cli.clipvocab import build_tokenizer
-
-    quiet_libraries()
-    config = _package_config("tiny-random-xl")
     torch.manual_seed(config["seed"])
     unet = UNet2DConditionModel(**config["unet"])
     torch.manual_seed(config["seed"] + 1)
     vae = AutoencoderKL(**config["vae"])
     torch.manual_seed(config["seed"] + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    return unet, vae, CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+
+
+def build_tiny_random_xl(folder: Path) -> None:
+    """Write the SDXL-shaped random-weight pipeline (data/tiny-random-xl.json) to `folder`."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from recare_cli.clipvocab import build_tokenizer
+
+    quiet_libraries()
+    config = _package_config("tiny-random-xl")
+    unet, vae, text_encoder = _seeded_parts(config)
     torch.manual_seed(config["seed"] + 3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
     with tempfile.TemporaryDirectory() as tokenizer_src:
