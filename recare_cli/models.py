@@ -219,10 +219,8 @@ def _check_ckpt(path: Path, spec: str) -> None:
     so a multi-GB checkpoint costs little here. torch's own message is not shown: it suggests
     loading with code execution, the unsafe way round.
     """
-    import torch
-
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch_load_tensors(path, f"'{spec}'", mmap=True)
     except Exception as exc:  # noqa: BLE001 - a damaged archive, a bare pickle, a refused object: all unreadable
         raise RecareError(f"'{spec}' is unreadable: not a PyTorch checkpoint of tensors ({type(exc).__name__})",
                           hint="the file is damaged, or holds objects other than tensors (refused: loading them "
@@ -318,9 +316,7 @@ def pipeline_class_name(ref: ModelRef) -> str:
         with safe_open(str(ref.path), framework="pt") as handle:
             keys = handle.keys()
     else:
-        import torch
-
-        state = torch.load(str(ref.path), map_location="meta", weights_only=True)
+        state = torch_load_tensors(ref.path, f"'{ref.path}'", map_location="meta")
         keys = (state.get("state_dict", state) if isinstance(state, dict) else {}).keys()
     return SDXL_PIPELINE if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys) else "StableDiffusionPipeline"
 
@@ -398,7 +394,7 @@ def resolve_unet(spec: str, cache_dir: Path | None = None) -> Path:
     )
 
 
-def torch_load_tensors(path: Path, described: str):
+def torch_load_tensors(path: Path, described: str, map_location: str = "cpu", mmap: bool = False):
     """torch.load restricted to tensors and plain containers: recare never unpickles code.
 
     torch's own message for a refused pickle suggests the unsafe fix (loading with code execution): never shown.
@@ -411,7 +407,7 @@ def torch_load_tensors(path: Path, described: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the user cannot act on them
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower():
             raise  # not a pickle at all: the caller says the file is unreadable
