@@ -9,12 +9,13 @@ from __future__ import annotations
 import signal
 import sys
 
-from recare_cli.errors import INTERRUPT_MESSAGE, INTERRUPTED, on_sigint
+from recare_cli.errors import INTERRUPT_MESSAGE, INTERRUPTED, on_sigint, on_unraisable, was_interrupted
 
 
 def main() -> None:
     """Run recare; every Ctrl-C, whenever it lands, is exit 130 with one line on stderr."""
     signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
     try:
         from recare_cli.cli.app import app
 
@@ -25,6 +26,9 @@ def main() -> None:
         code = INTERRUPTED
     # A late Ctrl-C must not turn a finished command into a traceback while Python shuts down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if was_interrupted() and code == 0:  # a Ctrl-C that Python dropped after the last progress step
+        sys.stderr.write(f"Error: {INTERRUPT_MESSAGE}\n")
+        code = INTERRUPTED
     sys.stderr.flush()
     sys.exit(code)
 

@@ -3,6 +3,8 @@
 Exit codes (documented in the README and docs/configuration.md): 0 ok, 1 error, 2 usage, 3 model not available, 130 interrupted.
 """
 
+import sys
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -50,6 +52,26 @@ def on_sigint(signum, frame) -> None:
     """SIGINT handler: remembers that Ctrl-C was pressed, then interrupts as Python's own handler does."""
     _SIGINT["received"] = True
     raise KeyboardInterrupt
+
+
+def on_unraisable(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl-C that lands in a weakref callback or a finaliser (imports run
+    such callbacks) is printed by Python as "Exception ignored in …" and then dropped, so the
+    command would run on to the end. Keep it quiet here; `raise_if_interrupted` raises it again."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _SIGINT["received"] = True
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the Ctrl-C that Python dropped (see `on_unraisable`); progress calls this at every step."""
+    if _SIGINT["received"]:
+        raise KeyboardInterrupt
+
+
+def was_interrupted() -> bool:
+    return _SIGINT["received"]
 
 
 def is_interrupt(exc: BaseException | None) -> bool:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 from rich.console import Console
 
+from recare_cli.errors import raise_if_interrupted
+
 HUMAN, JSON, QUIET = "human", "json", "quiet"
 
 
@@ -29,12 +31,14 @@ class Task:
         self.completed = 0
 
     def advance(self, n: int = 1, **fields: Any) -> None:
+        raise_if_interrupted()
         self.completed += n
         if self._progress is not None:
             status = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
             self._progress.update(self._task_id, advance=n, status=status)
 
     def set_completed(self, n: int) -> None:
+        raise_if_interrupted()
         self.completed = n
         if self._progress is not None:
             self._progress.update(self._task_id, completed=n)
