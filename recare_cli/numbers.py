@@ -71,7 +71,7 @@ RULES: dict[str, Rule] = {
     "batch_size": Rule(1, 4096), "iterations": COUNT, "ti_steps": COUNT, "checkpoint_every": COUNT,
     "rounds": Rule(0, 1000), "num_adv_concepts": Rule(0, 1000), "care_top_k": COUNT, "care_top_n": COUNT,
     "top_k_per_image": COUNT, "top_n_tokens": Rule(2, 10_000_000), "n_clusters": Rule(1, 10_000),
-    "min_cluster_size": Rule(2, 10_000_000), "k_each_side": Rule(0, 10_000), "top_k": Rule(1, 1000), "rank": Rule(1, 100_000),
+    "min_cluster_size": Rule(2, 10_000_000), "care_min_cluster_size": Rule(2, 10_000_000), "k_each_side": Rule(0, 10_000), "top_k": Rule(1, 1000), "rank": Rule(1, 100_000),
 }
 
 

@@ -101,6 +101,61 @@ def test_refine_cluster_flags_the_token_that_breaks_coherence():
     assert refine_cluster(residuals, alpha=1.0)[0].all()
 
 
+def test_a_pair_is_refined_only_when_pairs_count_as_clusters():
+    """In a pair the leave-one-out test compares two different words and drops the one nearer the
+    concept (the toy's `night`); --min-cluster-size 3 (the toy's default) leaves pairs whole."""
+    concept = np.array([1.0, 0.0, 0.0])
+    near = np.array([0.45, np.sqrt(1 - 0.45 ** 2), 0.0])  # like night: nearer the concept
+    far = np.array([0.35, np.sqrt(1 - 0.35 ** 2) * 0.99, np.sqrt(1 - 0.35 ** 2) * 0.141])
+    W = np.stack([near, far / np.linalg.norm(far)])
+    spec = select_tokens(W, concept, SelectionParams(n_clusters=1, k_each_side=0, min_cluster_size=2))
+    assert spec.refined_away == [0] and spec.kept == [1]
+    pairs_whole = select_tokens(W, concept, SelectionParams(n_clusters=1, k_each_side=0, min_cluster_size=3))
+    assert pairs_whole.refined_away == [] and pairs_whole.kept == [0, 1]
+
+
+def test_erase_builds_the_careset_with_its_min_cluster_size(monkeypatch, tmp_path):
+    from recare_cli.erase import inputs
+    from recare_cli.erase.request import EraseRequest
+    from recare_cli.presets import with_model_defaults
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_build(concept, images, out, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("recare_cli.careset.build_careset", fake_build)
+    monkeypatch.setattr("recare_cli.clip.load_clip", lambda *a, **k: None)
+
+    class Stages:
+        def stage(self, *a, **k):
+            import contextlib
+            return contextlib.nullcontext()
+
+    class Plan:
+        concept, care_style = "star", "photo"
+
+    class Runtime:
+        model, cache_dir, offline = "toy", None, True
+
+        def torch_device(self):
+            return "cpu"
+
+    request = with_model_defaults(EraseRequest(concepts=["star"]), "toy", set())
+    with pytest.raises(Stop):
+        inputs.build_careset_for(request, [Plan()], {"star": tmp_path}, tmp_path, Runtime(), Stages(), None)
+    assert seen["min_cluster_size"] == 3 and seen["top_n_tokens"] == 12
+    explicit = with_model_defaults(EraseRequest(concepts=["star"], care_min_cluster_size=2), "toy",
+                                   {"care_min_cluster_size"})
+    with pytest.raises(Stop):
+        inputs.build_careset_for(explicit, [Plan()], {"star": tmp_path}, tmp_path, Runtime(), Stages(), None)
+    assert seen["min_cluster_size"] == 2
+
+
 def test_selection_rejects_too_few_tokens():
     W, C, _, _ = planted(np.random.default_rng(0))
     with pytest.raises(UsageError, match="between 1 and the number of tokens"):

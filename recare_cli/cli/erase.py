@@ -88,6 +88,9 @@ def erase(
         help="CARE set: candidate tokens counted per image (careset's --top-k-per-image).", rich_help_panel=INPUTS)] = 50,
     care_top_n: Annotated[int, typer.Option(
         help="CARE set: most frequent tokens clustered (careset's --top-n-tokens).", rich_help_panel=INPUTS)] = 100,
+    care_min_cluster_size: Annotated[int, typer.Option(
+        help="CARE set: smallest cluster whose outliers are refined away (careset's --min-cluster-size; "
+             "--model toy: 3).", rich_help_panel=INPUTS)] = 2,
     num_images: Annotated[int, typer.Option(help="Training images to generate per concept.", rich_help_panel=INPUTS)] = 500,
     clip_model: Annotated[Optional[str], typer.Option(
         help="CLIP for building the CARE set (default ViT-B-32; a built-in model's own: toy, tiny-random).",
@@ -149,7 +152,7 @@ def erase(
         ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
         compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,
         images=images, careset=careset, care_vocab=care_vocab, care_top_k=care_top_k,
-        care_top_n=care_top_n, num_images=num_images, resolution=resolution, seed=seed,
+        care_top_n=care_top_n, care_min_cluster_size=care_min_cluster_size, num_images=num_images, resolution=resolution, seed=seed,
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,
         apg_norm_threshold=apg_norm_threshold, apg_momentum=apg_momentum, clip_model=clip_model,
         clip_pretrained=clip_pretrained, checkpoint_every=checkpoint_every, save_pt=save_pt,

@@ -85,7 +85,8 @@ def build_careset_for(request, plans, images_dirs, run_dir: Path, runtime: Runti
             built = build_careset(
                 plan.concept, images_dirs[plan.concept], run_dir / STAGES_DIR / f"careset-{slug(plan.concept)}",
                 prompt_style=plan.care_style, clip=clip, vocab_file=request.care_vocab,
-                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n, seed=request.seed,
+                top_k_per_image=request.care_top_k, top_n_tokens=request.care_top_n,
+                min_cluster_size=request.care_min_cluster_size, seed=request.seed,
                 cache_dir=runtime.cache_dir, reporter=reporter,
             )
             careset = read_careset_file(Path(built.path))

@@ -31,14 +31,14 @@ NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
 RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
-               "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "num_images",
+               "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "care_min_cluster_size", "num_images",
                "center_crop", "clip_model", "clip_pretrained")
 UCE_ONLY = ("preserve", "guide", "uce_erase_scale", "uce_preserve_scale", "uce_lamb", "uce_expand")
 # What a UCE edit never reads (it trains nothing); the CARE set's inputs count only with --preserve careset.
 NOT_UCE = ("train_method", "iterations", "negative_guidance", "stage1_lr", "stage2_lr", "ti_lr", "ti_steps",
            "rounds", "num_adv_concepts", "compositional_guidance_scale", "initializer_token", "center_crop",
            "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum", "erase_from", "resolution")
-CARESET_INPUTS = ("care_top_k", "care_top_n", "num_images", "clip_model", "clip_pretrained", "resolution")
+CARESET_INPUTS = ("care_top_k", "care_top_n", "care_min_cluster_size", "num_images", "clip_model", "clip_pretrained", "resolution")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class EraseRequest:
     care_vocab: Path | None = None  # word list the CARE set is built over (default: CLIP's whole vocabulary)
     care_top_k: int = 50  # careset's top_k_per_image
     care_top_n: int = 100  # careset's top_n_tokens
+    care_min_cluster_size: int = 2  # careset's min_cluster_size
     num_images: int = 500
     resolution: int = 512
     seed: int = 42
