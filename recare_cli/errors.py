@@ -4,6 +4,7 @@ Exit codes (documented in the README and docs/configuration.md): 0 ok, 1 error, 
 """
 
 import sys
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -62,6 +63,31 @@ def on_unraisable(unraisable) -> None:
         _SIGINT["received"] = True
         return
     sys.__unraisablehook__(unraisable)
+
+
+@contextmanager
+def interrupts_held():
+    """Hold Ctrl-C back until the block ends, then raise it.
+
+    For `import torch`: a KeyboardInterrupt raised while torch's C++ start-up calls back into
+    Python cannot be caught, it aborts the process (SIGABRT). Only under recare's own handler
+    (the `recare` process), never under a test runner's.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not on_sigint:
+        yield
+        return
+    signal.signal(signal.SIGINT, _remember_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, on_sigint)
+    raise_if_interrupted()
+
+
+def _remember_sigint(signum, frame) -> None:
+    _SIGINT["received"] = True
 
 
 def raise_if_interrupted() -> None:

@@ -418,6 +418,22 @@ def test_ctrl_c_that_python_drops_in_a_callback_still_stops_the_command(tmp_path
     assert len(list(out.glob("*.png"))) < 2 and not list(out.glob("*.tmp"))
 
 
+def test_ctrl_c_during_the_torch_import_waits_for_the_import_to_finish(tmp_path):
+    """A KeyboardInterrupt raised while torch's C++ start-up calls back into Python aborts the process
+    (SIGABRT, seen under load); so the import holds Ctrl-C back. A stand-in torch takes a Ctrl-C
+    halfway through its import and notes whether the import got to its end."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "import-finished"
+    (fake / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\nfor _ in range(200):\n    time.sleep(0.001)\n"
+        f"open({str(marker)!r}, 'w').close()\n")
+    result = _run([*GEN, "--output-dir", str(tmp_path / "images")], {"PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "Error: interrupted; finished work is kept and a rerun continues from it"
+    assert marker.exists()
+
+
 def test_first_use_of_a_builtin_prints_only_recare(tmp_path):
     """A fresh cache: the built-in is written (transformers' "Writing model shards", diffusers' loading bars),
     an image of a 120-emoji prompt is drawn; stderr holds none of the libraries' output."""

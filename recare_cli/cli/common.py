@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from recare_cli.cache import check_cache_dir
+from recare_cli.errors import interrupts_held
 from recare_cli.models import DEFAULT_MODEL
 from recare_cli.numbers import check_all
 from recare_cli.output import HUMAN, JSON, QUIET, Reporter, quiet_libraries
@@ -110,6 +112,8 @@ def with_common(func=None, *, default_model: str | None = None):
             if common.offline:
                 # Read by huggingface_hub when it is first imported, which happens after this.
                 os.environ["HF_HUB_OFFLINE"] = "1"
+            with interrupts_held():  # every command here runs torch; its import must not take a Ctrl-C
+                importlib.import_module("torch")
             return func(*args, common=common, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + extra)
