@@ -159,6 +159,9 @@ def frequent_tokens(image_embeddings, vocab_embeddings, top_k: int, top_n: int, 
 
 # selection (pure) ---------------------------------------------------------------------------
 
+TSNE_PERPLEXITY = 30.0  # sklearn's default, which the reference uses
+
+
 @dataclass
 class SelectionParams:
     n_clusters: int = 7
@@ -178,38 +181,38 @@ class Selection:
     removed_clusters: dict[int, str]  # cluster -> "lowest residual" | "highest residual"
     refinement_d: dict[int, float] = field(default_factory=dict)  # token -> d_i, refined clusters only
     refined_away: list[int] = field(default_factory=list)
-    perplexity: float = 30.0
+    perplexity: float | None = TSNE_PERPLEXITY  # None: no t-SNE (too few tokens)
     n_clusters: int = 7
     tsne: list[tuple[float, float]] = field(default_factory=list)  # each token's place on the 2-D map
 
 
-def tsne_perplexity(n_tokens: int) -> float:
-    """sklearn's default 30, lowered for small sets because t-SNE needs perplexity < n samples."""
-    return float(min(30, n_tokens - 1))
-
-
 def cluster_tokens(token_embeddings, n_clusters: int, seed: int):
-    """(cluster labels, perplexity, 2-D map): t-SNE to 2-D (seeded, PCA init, auto learning rate), then k-means.
+    """(cluster labels, t-SNE perplexity or None, 2-D map): t-SNE to 2-D (seeded, PCA init, auto
+    learning rate), then k-means.
 
-    Fewer than 3 tokens get no t-SNE: they are clustered as they are and mapped to a line.
+    t-SNE needs more tokens than its perplexity (30). With fewer (a short --vocab list such as the
+    toy world's) k-means runs on the embeddings themselves and the map is their first two
+    principal components: a t-SNE of a dozen points is chaotic. On the toy's 9 candidate words it
+    put `night` into star's cluster in one process and not in another, from float noise alone.
     """
     import numpy as np
     from sklearn.cluster import KMeans
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    n = token_embeddings.shape[0]
-    perplexity = tsne_perplexity(n)
+    embeddings = np.asarray(token_embeddings, dtype=np.float64)
     # A hundred points gain nothing from threads, and OpenMP spin-waiting on a busy CPU made
     # t-SNE 10-25x slower; one thread gives the same numbers.
     with threadpool_limits(1):
-        if n < 3:
-            points = np.asarray(token_embeddings, dtype=np.float64)  # too few points for t-SNE
-            map_2d = np.stack([np.arange(n, dtype=np.float64), np.zeros(n)], axis=1)
-        else:
+        if embeddings.shape[0] > TSNE_PERPLEXITY:
+            perplexity = TSNE_PERPLEXITY
             points = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                          random_state=seed).fit_transform(np.asarray(token_embeddings, dtype=np.float64))
+                          random_state=seed).fit_transform(embeddings)
             map_2d = points
+        else:
+            perplexity, points = None, embeddings
+            centred = embeddings - embeddings.mean(axis=0)
+            map_2d = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
         # n_init fixed (not "auto") so the clusters do not change with the sklearn version.
         labels = KMeans(n_clusters=n_clusters, random_state=seed, n_init=10).fit_predict(points)
     return labels, perplexity, map_2d

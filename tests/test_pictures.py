@@ -204,14 +204,14 @@ def test_careset_map_is_drawn_from_the_reports_tsne_coordinates(tmp_path):
     from recare_cli.careset import SelectionParams, select_tokens, selection_report
 
     rng = np.random.default_rng(0)
-    embeddings = rng.normal(size=(12, 16))
+    embeddings = rng.normal(size=(40, 16))
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    tokens = [f"word{i}</w>" for i in range(12)]
+    tokens = [f"word{i}</w>" for i in range(40)]
     selection = select_tokens(embeddings, rng.normal(size=16), SelectionParams(n_clusters=4))
-    report = {"concept": "star", **selection_report(tokens, list(range(12, 0, -1)), selection)}
+    report = {"concept": "star", **selection_report(tokens, list(range(40, 0, -1)), selection)}
     points = np.array([row["tsne"] for row in report["tokens"]])
-    assert points.shape == (12, 2) and np.isfinite(points).all() and len(np.unique(points, axis=0)) == 12
-    # k-means ran on these points: each point is nearest to its own cluster's centre.
+    assert points.shape == (40, 2) and np.isfinite(points).all() and len(np.unique(points, axis=0)) == 40
+    # Over 30 tokens, k-means ran on these t-SNE points: each point is nearest to its own cluster's centre.
     labels = np.array([row["cluster"] for row in report["tokens"]])
     centres = np.array([points[labels == k].mean(axis=0) for k in range(4)])
     nearest = np.linalg.norm(points[:, None] - centres[None], axis=-1).argmin(axis=1)
