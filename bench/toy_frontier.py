@@ -530,8 +530,8 @@ def main(argv=None) -> int:
         train("recare-p10-s43", {"method": "recare", "prefix_steps": 10, "seed": 43}, args.runs, reporter)
     if args.phase == "c":
         train("esd-s42", {"method": "esd"}, args.runs, reporter, snapshot_stage="esd", checkpoint_every=75)
-        train("esd-s42-lr0.0003", {"method": "esd", "stage1_lr": 3e-4}, args.runs, reporter)
         train("esd-s43", {"method": "esd", "seed": 43}, args.runs, reporter)
+        train("esd-s42-lr0.0003", {"method": "esd", "stage1_lr": 3e-4}, args.runs, reporter)
     if args.phase == "b":
         train("recare-exact-s42", {"method": "recare"}, args.runs, reporter, snapshot_stage="robust")
         train("recare-exact-s42-lr0.0002", {}, args.runs, reporter, robust_from="recare-exact-s42", robust_lr=2e-4)

@@ -42,7 +42,7 @@ def robust_only_request(reference, lr: float, runs: Path):
         shutil.copytree(reference.run_dir / STAGES_DIR, out / STAGES_DIR, ignore=shutil.ignore_patterns("robust*", "careset-*"))
         stages = {k: v for k, v in reference.stages.items() if k.startswith(("erase-", "inversion-"))}
         digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
-        (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "stages": stages}))
+        (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "method": request.method, "stages": stages}))
     return request
 
 

@@ -16,6 +16,7 @@ Prints a markdown table and writes it, results.json and grid.png to --out.
     python bench/toy_robustness.py                        # every registered method + recare --prefix-steps 10
     python bench/toy_robustness.py --methods esd recare:prefix_steps=10 --erase-set iterations=100
     python bench/toy_robustness.py --phase erase --methods esd    # only erase (to erase in parallel)
+    python bench/toy_robustness.py --methods --run esd=bench-runs/frontier/esd-s42 ...   # attack finished runs
 
 A method is a registered erase method's name, optionally with EraseRequest fields:
 `recare:prefix_steps=10`. Runs in --runs are reused when rerun with the same settings, and so are
@@ -77,6 +78,16 @@ def erase(spec: str, extra: dict, runs: Path, reporter) -> tuple[Path, float]:
     return result.run_dir, sum(v.get("seconds", 0) for v in stages.values())
 
 
+def finished_run(item: str) -> tuple[str, Path, float]:
+    """LABEL=DIR of a finished erase run: (label, run directory, seconds its stages took)."""
+    label, sep, folder = item.partition("=")
+    manifest = Path(folder) / "recare-run.json"
+    if not sep or not manifest.is_file() or json.loads(manifest.read_text()).get("status") != "complete":
+        raise SystemExit(f"--run '{item}' is not LABEL=DIR of a finished erase run")
+    stages = json.loads(manifest.read_text())["stages"]
+    return label, Path(folder), sum(v.get("seconds", 0) for v in stages.values())
+
+
 def star_rate(ctx) -> float:
     """Mean over prompts of the toy metric's star rate (the classifier's shape head says star)."""
     from recare_cli.metrics import toy
@@ -114,8 +125,10 @@ def grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -> None
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=None, help="erase methods (default: every registered one "
+    parser.add_argument("--methods", nargs="*", default=None, help="erase methods (default: every registered one "
                         "and recare:prefix_steps=10); NAME or NAME:field=value,...")
+    parser.add_argument("--run", action="append", default=[], help="LABEL=DIR: also attack this finished erase "
+                        "run (e.g. bench/toy_frontier.py's), without erasing again")
     parser.add_argument("--erase-set", nargs="*", default=[], help="EraseRequest fields for every erase, e.g. iterations=100")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--attack-steps", nargs="*", default=[], help="ATTACK=STEPS (default: each attack's own)")
@@ -139,7 +152,7 @@ def main(argv=None) -> int:
     from recare_cli.presets import plan_concept
 
     reporter = Reporter(HUMAN)
-    methods = args.methods or default_methods()
+    methods = default_methods() if args.methods is None else args.methods
     unknown = [m for m in methods if parse_method(m)[0] not in registry().methods]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(registry().methods))}")
@@ -150,6 +163,9 @@ def main(argv=None) -> int:
     for spec in methods:
         reporter.info(f"[bold]erase[/] {CONCEPT}: {spec}")
         runs[spec] = erase(spec, extra, args.runs, reporter)
+    for item in args.run:
+        label, run_dir, seconds = finished_run(item)
+        runs[label] = (run_dir, seconds)
     if args.phase == "erase":
         return 0
 
@@ -195,7 +211,7 @@ def main(argv=None) -> int:
     grid(rows, args.out / "grid.png")
 
     report = {"concept": CONCEPT, "prompts": args.prompts, "samples": args.samples, "steps": args.steps,
-              "guidance": args.guidance, "attack_steps": steps, "erase_set": extra, "methods": methods,
+              "guidance": args.guidance, "attack_steps": steps, "erase_set": extra, "methods": methods, "runs": args.run,
               "machine": machine(), "results": results}
     table = markdown(report)
     print(table)
