@@ -272,6 +272,8 @@ def models(runs: Path) -> list[dict]:
     add("recare-p10-s43", "recare --prefix-steps 10", "stage-2 lr 1e-4, seed 43", runs / "recare-p10-s43",
         default=True, tokens=runs / "recare-p10-s43", seed=43)
     add("esd-s43", "esd", "lr 1e-4, 300 it., seed 43", runs / "esd-s43", default=True, seed=43)
+    add("recare-exact-s43", "recare (exact)", "stage-2 lr 1e-4, seed 43", runs / "recare-exact-s43",
+        default=True, tokens=runs / "recare-exact-s43", seed=43)
     return out
 
 
@@ -535,6 +537,7 @@ def main(argv=None) -> int:
     if args.phase == "b":
         train("recare-exact-s42", {"method": "recare"}, args.runs, reporter, snapshot_stage="robust")
         train("recare-exact-s42-lr0.0002", {}, args.runs, reporter, robust_from="recare-exact-s42", robust_lr=2e-4)
+        train("recare-exact-s43", {"method": "recare", "seed": 43}, args.runs, reporter)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":
