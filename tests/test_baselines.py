@@ -174,42 +174,50 @@ def test_uce_registers_as_a_method_plugin():
     assert method.name == "uce" and "uce_sd_erase.py" in method.description
 
 
-def _uce_args(out: Path, *extra) -> list:
-    return ["erase", "--concept", "nudity", *TINY, "--method", "uce", "--output-dir", out, *extra]
+def _uce_args(out: Path, *extra, model: str = "tiny-random") -> list:
+    return ["erase", "--concept", "nudity", "--model", model, "--device", "cpu", "--method", "uce",
+            "--output-dir", out, *extra]
 
 
-def test_uce_run_directory_works_with_generate_and_export(run_cli, tiny_pipe, tmp_path):
+UCE_MODELS = [("tiny-random", "tiny_pipe"), ("tiny-random-xl", "tiny_xl_pipe")]  # SD 1.x; SDXL's 2-encoder context
+
+
+@pytest.mark.parametrize("model, pipe_fixture", UCE_MODELS)
+def test_uce_run_directory_works_with_generate_and_export(run_cli, request, tmp_path, model, pipe_fixture):
     from safetensors.torch import load_file
 
     out = tmp_path / "uce"
-    result = run_cli(*_uce_args(out, "--preserve", "man", "--json"))
+    result = run_cli(*_uce_args(out, "--preserve", "man", "--json", model=model))
     assert result.exit_code == 0, result.stderr
     assert list(json.loads(result.stdout.splitlines()[-1])["stages"]) == ["uce"]
     manifest = json.loads((out / "recare-run.json").read_text())
     assert manifest["method"] == "uce" and manifest["status"] == "complete"
     assert manifest["parameters"]["preserve"] == ["man"] and manifest["parameters"]["uce_lamb"] == 0.5
     edited = load_file(str(out / "unet.safetensors"))
-    original = tiny_pipe.unet.state_dict()
+    original = request.getfixturevalue(pipe_fixture).unet.state_dict()
     changed = {k for k in edited if not torch.equal(edited[k], original[k])}
     assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
 
-    generated = run_cli("generate", "--prompt", "nudity", *TINY, "--height", "64", "--width", "64", "--steps", "2",
-                        "--unet", out, "--output-dir", tmp_path / "images", "--quiet")
+    generated = run_cli("generate", "--prompt", "nudity", "--model", model, "--device", "cpu", "--height", "64",
+                        "--width", "64", "--steps", "2", "--unet", out, "--output-dir", tmp_path / "images", "--quiet")
     assert generated.exit_code == 0, generated.stderr
+    assert (tmp_path / "images" / "nudity_0.png").is_file()
     exported = run_cli("export", out, "--format", "unet", "--output", tmp_path / "unet.safetensors", "--json")
     assert exported.exit_code == 0, exported.stderr
     assert json.loads(exported.stdout.splitlines()[-1])["max_abs_diff"] == 0.0
 
 
-def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path):
+@pytest.mark.parametrize("model", [m for m, _ in UCE_MODELS])
+def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model):
     from safetensors.torch import load_file
 
     careset = tmp_path / "careset.json"
     careset.write_text(json.dumps({"nudity_care_word": ["A man", "A woman", "A beach"],
                                    "nudity_care_word_photo": ["A photo of man", "A photo of woman", "A photo of beach"]}))
     by_set, by_hand = tmp_path / "set", tmp_path / "hand"
-    assert run_cli(*_uce_args(by_set, "--preserve", "careset", "--careset", careset)).exit_code == 0
-    assert run_cli(*_uce_args(by_hand, "--preserve", "man", "--preserve", "woman", "--preserve", "beach")).exit_code == 0
+    assert run_cli(*_uce_args(by_set, "--preserve", "careset", "--careset", careset, model=model)).exit_code == 0
+    assert run_cli(*_uce_args(by_hand, "--preserve", "man", "--preserve", "woman", "--preserve", "beach",
+                              model=model)).exit_code == 0
     a, b = load_file(str(by_set / "unet.safetensors")), load_file(str(by_hand / "unet.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (by_set / "careset.json").is_file()

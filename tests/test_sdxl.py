@@ -204,3 +204,36 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_xl_pipe, tmp_path):
         trained.append({k: v.detach().clone() for k, v in trainable.items()})
     assert all(torch.allclose(trained[0][k], trained[1][k], atol=1e-6) for k in trained[0])
     assert any(not torch.equal(trained[0][k], tiny_xl_pipe.unet.state_dict()[k]) for k in trained[0])
+
+
+# UCE ----------------------------------------------------------------------------------------------
+
+def test_uce_edits_every_cross_attention_to_the_closed_form_on_the_sdxl_context(run_cli, tiny_xl_pipe, tmp_path):
+    """c is what the SDXL UNet's cross-attention reads (diffusers' encode_prompt: both encoders, 32 + 48 wide)
+    at the prompt's last token; each edited K/V weight is the least-squares minimiser, solved here on its own."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "uce"
+    result = run_cli("erase", "--concept", "nudity", "--model", "tiny-random-xl", "--device", "cpu", "--method", "uce",
+                     "--preserve", "man", "--preserve", "a tree", "--output-dir", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    edited = load_file(str(out / "unet.safetensors"))
+
+    def context_at_last_token(prompts: list[str]) -> torch.Tensor:
+        embeds, _, _, _ = tiny_xl_pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+        last = [len(tiny_xl_pipe.tokenizer(p).input_ids) - 2 for p in prompts]  # before end-of-text; "": start
+        return embeds[torch.arange(len(prompts)), last].double()
+
+    erase_c, guide_c, keep_c = (context_at_last_token(p) for p in (["nudity"], [""], ["man", "a tree"]))
+    assert erase_c.shape == (1, 80)
+    lamb = 0.5  # uce_sd_erase.py's defaults: lamb 0.5, erase and preserve scales 1
+    design = torch.cat([lamb ** 0.5 * torch.eye(80, dtype=torch.float64), erase_c, keep_c])
+    original = tiny_xl_pipe.unet.state_dict()
+    projections = [k for k in original if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert any(".transformer_blocks.1.attn2." in k for k in projections)  # SDXL's deeper transformers too
+    for key in projections:
+        w_old = original[key].double()
+        wanted = torch.cat([lamb ** 0.5 * w_old.T, guide_c @ w_old.T, keep_c @ w_old.T])
+        expected = torch.linalg.lstsq(design, wanted).solution.T
+        assert torch.allclose(edited[key].double(), expected, atol=1e-5), key
+    assert all(torch.equal(edited[k], v) for k, v in original.items() if k not in projections)

@@ -129,15 +129,20 @@ class EraseModels:
             self._embeds.update(zip(missing, self.encode(missing)))
         return torch.stack([self._embeds[p] for p in prompts])
 
+    def cross_attention_context(self, embeds: torch.Tensor) -> torch.Tensor:
+        """What the UNet's cross-attention reads of `embeds`, [B, L, D]: SDXL's without the pooled row."""
+        return embeds if self.text_encoder_2 is None else embeds[:, :-1]
+
     def condition(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         """(encoder_hidden_states, added_cond_kwargs) of one UNet call, for any model family.
 
         SDXL's UNet also takes the pooled text embedding and the time ids: original size, crop
         top-left, target size, as its pipeline sets them by default (the rendered size, no crop).
         """
+        prompt_embeds = self.cross_attention_context(embeds)
         if self.text_encoder_2 is None:
-            return embeds, None
-        prompt_embeds, pooled = embeds[:, :-1], embeds[:, -1, : self.text_encoder_2.config.projection_dim]
+            return prompt_embeds, None
+        pooled = embeds[:, -1, : self.text_encoder_2.config.projection_dim]
         height, width = (side * self.vae_factor for side in latents.shape[-2:])
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=prompt_embeds.dtype,
                                 device=prompt_embeds.device).expand(len(prompt_embeds), -1)

@@ -6,12 +6,15 @@ every cross-attention key and value projection W_old (d_out x d_text):
     W = (lam W_old + s_e sum_i (W_old g_i) c_i^T + s_p sum_j (W_old c_j) c_j^T)
         (lam I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
 
-c = the text encoder's output at the prompt's last token (before end-of-text, the reference's
-`attention_mask.sum() - 2`), c_i the erase concepts, g_i their guides ("" for objects, "art" for
+c = the UNet's cross-attention context at the prompt's last token (before end-of-text, the
+reference's `attention_mask.sum() - 2`), c_i the erase concepts, g_i their guides ("" for objects, "art" for
 styles), c_j the preserve concepts. This is the minimiser of lam ||W - W_old||^2 +
-s_e sum ||W c_i - W_old g_i||^2 + s_p sum ||W c_j - W_old c_j||^2. The text width is read from
-each projection, so SD 1.x (768), SD 2.x (1024) and SDXL (2048, two encoders concatenated, once
-`text_features` learns them) all fit.
+s_e sum ||W c_i - W_old g_i||^2 + s_p sum ||W c_j - W_old c_j||^2. The context is what
+erase conditions the UNet with (`EraseModels.embed`, `cross_attention_context`): the text
+encoder's output for SD 1.x (768 wide) and SD 2.x (1024); for SDXL both encoders' penultimate
+hidden states side by side (2048), as `StableDiffusionXLPipeline.encode_prompt` builds them. The
+reference is SD-only; on SDXL recare keeps its code path and only the context changes (the pooled
+embedding is no cross-attention input, so UCE leaves it alone).
 """
 
 from __future__ import annotations
@@ -66,12 +69,12 @@ def expanded(concepts: list[str], concept_type: str) -> list[str]:
 
 @torch.no_grad()
 def text_features(models, prompts: list[str]) -> torch.Tensor:
-    """c for each prompt, [N, d_text]: the encoder's last hidden state at the prompt's last token.
+    """c for each prompt, [N, d_text]: the UNet's cross-attention context at the prompt's last token.
 
-    The one place UCE encodes text: a model with two text encoders (SDXL) concatenates both
-    encoders' features here, as its UNet's cross-attention reads them.
+    The one place UCE encodes text, through the erase conditioning: for SDXL, both encoders'
+    penultimate states concatenated (the two tokenizers share one vocabulary, so the index is the same).
     """
-    hidden = models.embed(prompts)  # [N, L, D]
+    hidden = models.cross_attention_context(models.embed(prompts))  # [N, L, D]
     mask = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").attention_mask
     last = (mask.sum(dim=1) - 2).clamp_min(0).to(hidden.device)  # the token before end-of-text; "" -> start token
@@ -113,8 +116,8 @@ def uce_edit(models, concepts: list[str], concept_type: str, preserve: list[str]
     edited = {}
     for name, module in projections.items():
         if module.weight.shape[1] != erase_c.shape[1]:
-            raise RecareError(f"{name} reads {module.weight.shape[1]}-wide text features, the text encoder gives "
-                              f"{erase_c.shape[1]}", hint="UCE supports models with one text encoder for now")
+            raise RecareError(f"{name} reads {module.weight.shape[1]}-wide text features, the text encoder(s) give "
+                              f"{erase_c.shape[1]}", hint="the UNet and the text encoders come from different models")
         module.weight.copy_(uce_weight(module.weight, erase_c, guide_c, preserve_c, settings))
         edited[f"{name}.weight"] = module.weight.detach().clone()
     return edited
