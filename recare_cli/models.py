@@ -514,6 +514,13 @@ def learned_tokens_tensors(tokens: dict) -> dict:
     return {key: torch.stack([rows[i].reshape(-1) for rows in tokens.values()]) for i, key in enumerate(SDXL_TOKEN_KEYS)}
 
 
+def write_learned_tokens(path: Path, tokens: dict, metadata: dict | None = None) -> None:
+    """Write {name: [row per text encoder]} as a tokens.safetensors (atomically), names in order in its metadata."""
+    from recare_cli.fsutil import write_safetensors
+
+    write_safetensors(path, learned_tokens_tensors(tokens), {"tokens": json.dumps(list(tokens)), **(metadata or {})})
+
+
 def read_learned_tokens(path: Path) -> dict:
     """{name: [row per text encoder]} from a tokens.safetensors, in the order the run learned them."""
     from safetensors import safe_open

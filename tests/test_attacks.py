@@ -81,6 +81,11 @@ def bisection_projection(row: torch.Tensor, xi: float = 1e-7) -> torch.Tensor:
     return (row - (low + high) / 2).clamp(0, 1)
 
 
+def one_hot(vocabulary: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Prefix weights choosing `ids`: one row per position over `vocabulary`."""
+    return (vocabulary.unsqueeze(0) == torch.tensor(ids).unsqueeze(1)).float()
+
+
 def test_projection_is_the_published_simplex_projection():
     generator = torch.Generator().manual_seed(0)
     weights = torch.cat([torch.randn(4, 50, generator=generator, dtype=torch.float64),
@@ -124,9 +129,9 @@ def test_the_prefix_is_made_of_real_vocabulary_tokens(tiny_models, tmp_path):
 
     # The search answers in token ids of the vocabulary it is given, not in positions within it.
     some_words = torch.arange(1000, 1100)
-    prompt = unlearndiffatk.PrefixPrompt(models, "a red apple", 2)
+    prompt = unlearndiffatk.PrefixPrompt(models, "a red apple", 2, some_words)
     latents = unlearndiffatk.target_latents(models, target_image)
-    ids, _ = unlearndiffatk.search(models, some_words, prompt, latents, 2, 2, 0.01, 0, Task())
+    ids, _ = unlearndiffatk.search(models, prompt, latents, 2, 0.01, 0, Task())
     assert all(1000 <= i < 1100 for i in ids)
 
 
@@ -143,14 +148,14 @@ def test_unlearndiffatk_loss_falls_on_the_toy_model(tmp_path):
     assert len(found.losses) == unlearndiffatk.DEFAULT_STEPS and len(found.token_ids) == unlearndiffatk.DEFAULT_TOKENS
 
     # Judged on noise and timesteps the search never drew: the found prefix against the one it started from.
-    prompt = unlearndiffatk.PrefixPrompt(models, "a circle", unlearndiffatk.DEFAULT_TOKENS)
+    prompt = unlearndiffatk.PrefixPrompt(models, "a circle", unlearndiffatk.DEFAULT_TOKENS, ctx.vocabulary())
     latents = unlearndiffatk.target_latents(models, tmp_path / "star.png")
     generator = torch.Generator().manual_seed(12345)
     bank = [(t, torch.randn(latents.shape, generator=generator)) for t in unlearndiffatk.TIMESTEPS[::6]]
 
     @torch.no_grad()
     def held_out_loss(ids: list[int]) -> float:
-        embeds = prompt(prompt.matrix[torch.tensor(ids)])
+        embeds = prompt(one_hot(prompt.vocabulary, ids))
         return sum(float(unlearndiffatk.denoising_loss(models, embeds, latents, t, n)) for t, n in bank) / len(bank)
 
     start = [int(ctx.vocabulary()[0])] * unlearndiffatk.DEFAULT_TOKENS  # the argmax of the uniform start

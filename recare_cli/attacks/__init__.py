@@ -20,8 +20,9 @@ as recare's own (recare_cli/builtins/attacks.py)::
 - `target` is the prompt, its image seed and, for an attack with `needs_target_images`, the base
   model's image of that prompt and seed (`target.target_image`).
 - `ctx.models` is the attacked model (`recare_cli.erase.context.EraseModels`: UNet, VAE, text
-  encoder, tokenizer, DDIM scheduler, all frozen, float32); an attack must leave its weights as
-  they are. `ctx.vocabulary()` is the tokenizer's own tokens (no special or learned ones).
+  encoder(s) and tokenizer(s), DDIM scheduler, all frozen, float32); an attack must leave its
+  weights as they are. `models.encode`/`encode_ids` give the UNet's conditioning for any model
+  family and `models.eps` predicts with it (SDXL: pooled embedding and time ids included). `ctx.vocabulary()` is the tokenizer's own tokens (no special or learned ones).
   `ctx.option("steps", default)` reads `--attack-steps` (also "tokens", "lr"); `ctx.seed(target)`
   is a seed for this target derived from `--attack-seed`; `ctx.shared(key, factory)` keeps one
   object for every prompt of this model (a learned token); `ctx.progress(total)` is this prompt's
@@ -29,7 +30,7 @@ as recare's own (recare_cli/builtins/attacks.py)::
 - An attack with `needs_concept_images` gets `ctx.concept`: the erased concept(s), images of them
   and the concept type's caption templates.
 - Soft attacks (a prompt using learned embeddings) return them in `Adversarial.embeddings`
-  (token -> embedding); recare adds them to the tokenizer to render the images and writes them to
+  (token -> embedding; SDXL: both encoders' rows end to end, as recare's textual inversion learns them); recare adds them to the tokenizer to render the images and writes them to
   the results. Images of every adversarial prompt are rendered by recare and judged by the run's
   metrics exactly like the plain images.
 """
@@ -123,12 +124,17 @@ class AttackContext:
         return self.cache[key]
 
     def vocabulary(self):
-        """Ids of the tokenizer's own vocabulary: no special tokens, no tokens an erase run added."""
+        """Ids of the tokenizers' own vocabulary: no special tokens, no tokens an erase run added.
+
+        SDXL's two tokenizers share one vocabulary but not their special tokens (the second pads
+        with "!"): the ids are those that mean the same plain token in every tokenizer of the model.
+        """
         import torch
 
-        tokenizer = self.models.tokenizer
-        special = set(tokenizer.all_special_ids)
-        return torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special], device=self.models.device)
+        tokenizers = [tokenizer for _, tokenizer in self.models.text_encoders]
+        special = {i for tokenizer in tokenizers for i in tokenizer.all_special_ids}
+        size = min(tokenizer.vocab_size for tokenizer in tokenizers)
+        return torch.tensor([i for i in range(size) if i not in special], device=self.models.device)
 
     @contextmanager
     def progress(self, total: int | None, what: str = ""):

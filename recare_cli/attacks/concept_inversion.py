@@ -8,7 +8,7 @@ initializer token, on the attacked model's frozen weights. Steps: `--attack-step
 recare's textual-inversion default (3,000; 1,000 for `--model toy`, as erase's toy preset).
 The token is learned once per attacked model and shared by every prompt: each prompt says it
 where it said the concept (case-insensitive, whole words), or starts with it when it does not
-name the concept.
+name the concept. On SDXL the token is learned in both text encoders, as erase learns its own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def with_token(prompt: str, concepts: tuple[str, ...], token: str) -> str:
 def learn_token(ctx: AttackContext) -> tuple[str, object]:
     """(token, embedding): read back from an earlier run's file, or learned now and written there."""
     from recare_cli.erase.inversion import (
-        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name,
+        InversionSettings, add_token, initializer_id, inversion_stage, new_token_name, token_embedding,
     )
     from recare_cli.erase.loop import StageLoop
     from recare_cli.fsutil import read_safetensors
@@ -50,8 +50,8 @@ def learn_token(ctx: AttackContext) -> tuple[str, object]:
         return name, embedding
     concept = ctx.concept
     name = new_token_name(ctx.settings.seed, TOKEN_ROUND, set(models.tokenizer.get_vocab()))
-    initial = models.text_encoder.get_input_embeddings().weight[initializer_id(models.tokenizer, concept.initializer_token)]
-    token_id = add_token(models, name, initial.detach().clone())
+    initial = token_embedding(models, initializer_id(models.tokenizer, concept.initializer_token))
+    token_id = add_token(models, name, initial.clone())
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     steps = int(ctx.option("steps", default_steps(ctx.model_name)))
     settings = InversionSettings(steps=steps, lr=float(ctx.option("lr", InversionSettings.lr)), resolution=ctx.resolution)

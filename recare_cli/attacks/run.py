@@ -4,7 +4,8 @@ Per attacked model (label L, attack A) the output directory gets:
     attacks/L+A/prompts.csv             one row per prompt and seed: the adversarial prompt (prompt, seed,
                                         case_number: `recare generate --prompts-file` renders the same
                                         images), the prompt and image it attacks, seconds, first/last loss
-    attacks/L+A/embeddings.safetensors  a soft attack's learned tokens (name -> embedding)
+    attacks/L+A/embeddings.safetensors  a soft attack's learned tokens, laid out as an erase run's
+                                        tokens.safetensors (SDXL: clip_l / clip_g rows)
     attacks/L+A/attack.json             the settings the prompts were found with
     images/L+A/                         one image per adversarial prompt, with its manifest.jsonl
 A rerun with the same settings attacks only the prompts not yet in prompts.csv.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from recare_cli.attacks import Adversarial, AttackContext, AttackSettings, AttackTarget, ConceptSource
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.fsutil import list_images, read_safetensors, write_json, write_safetensors, write_text
+from recare_cli.fsutil import list_images, write_json, write_text
 from recare_cli.output import Reporter
 
 NO_ATTACK = "none"
@@ -187,12 +188,15 @@ def read_prompts_csv(path: Path) -> list[dict]:
 
 def _search(plan: AttackPlan, plain, targets, todo, found: dict, work_dir: Path, reporter: Reporter) -> None:
     from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.inversion import split_rows
+    from recare_cli.models import read_learned_tokens, write_learned_tokens
 
     models = EraseModels.load(plain.runtime, plain.model.unet)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     ctx = AttackContext(plan.name, plain.label, plain.runtime.model, models, plan.settings, work_dir, reporter,
                         plan.concept, resolution=plain.generation.height or models.unet.config.sample_size * factor)
-    embeddings = read_safetensors(work_dir / EMBEDDINGS)[0] if (work_dir / EMBEDDINGS).is_file() else {}
+    # name -> [row per text encoder], written in the layout of an erase run's tokens.safetensors
+    embeddings = read_learned_tokens(work_dir / EMBEDDINGS) if (work_dir / EMBEDDINGS).is_file() else {}
     with reporter.progress(f"{plan.name} ({plain.label})", total=len(targets)) as outer:
         outer.advance(len(targets) - len(todo))
         for target in todo:
@@ -212,8 +216,8 @@ def _search(plan: AttackPlan, plain, targets, todo, found: dict, work_dir: Path,
             }
             # Embeddings first: a row of prompts.csv never names a token its file lacks.
             if adversarial.embeddings and any(k not in embeddings for k in adversarial.embeddings):
-                embeddings.update(adversarial.embeddings)
-                write_safetensors(work_dir / EMBEDDINGS, embeddings)
+                embeddings.update({name: split_rows(models, embedding) for name, embedding in adversarial.embeddings.items()})
+                write_learned_tokens(work_dir / EMBEDDINGS, embeddings)
             _write_prompts(work_dir / PROMPTS_CSV, [found[t.key] for t in targets if t.key in found])
             reporter.event("attacked", model=plain.label, attack=plan.name, prompt=target.prompt, seed=target.seed,
                            adversarial=found[target.key]["prompt"], seconds=round(seconds, 2))

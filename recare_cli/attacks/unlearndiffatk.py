@@ -18,7 +18,9 @@ Where recare differs, on purpose:
 - The projection onto the simplex is the exact one, by sorting (Duchi et al., 2008); the
   reference's bisection reaches the same point to within 1e-5.
 - The vocabulary leaves out special tokens and tokens an erase run added: the prompt must be text
-  that a tokenizer without the run's tokens reads.
+  that a tokenizer without the run's tokens reads. On SDXL (the reference is SD 1.4 only) it is the
+  ids every tokenizer of the model shares, and each prediction gets the pooled text embedding and
+  time ids, as erase gives them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from recare_cli.attacks import Adversarial, AttackContext, AttackTarget
 from recare_cli.errors import RecareError, UsageError
@@ -62,32 +63,43 @@ class SampledOneHot(torch.autograd.Function):
 
 
 class PrefixPrompt:
-    """Text-encoder states of `<bos> prefix prompt <eos> <pad>...` for a prefix given as embeddings.
+    """The attacked model's conditioning for `<bos> prefix prompt <eos> <pad>...`, the prefix given as
+    weights over `vocabulary` (one row per prefix position).
 
-    The prefix rows are appended to a copy of the embedding matrix inside the forward
-    (`functional_call`, as recare's textual inversion does), so the encoder runs exactly as for text.
+    The prefix sits in k slots: vocabulary ids the prompt does not use, whose rows in each text
+    encoder's embedding matrix are replaced by the weighted vocabulary rows inside the forward
+    (`functional_call`, through `EraseModels.encode_ids`, as recare's textual inversion does), so
+    the encoders run exactly as for text. Slots are real ids below end-of-text: an encoder that
+    pools at the highest id (SDXL's OpenCLIP-bigG config says eos_token_id 2) pools at end-of-text,
+    as it does for the decoded prompt. SDXL's two tokenizers share one vocabulary: the same weights
+    pick each encoder's own rows, and the conditioning carries the pooled embedding and, in
+    `EraseModels.eps`, the time ids, as for any prompt.
     """
 
-    def __init__(self, models, prompt: str, tokens: int):
+    def __init__(self, models, prompt: str, tokens: int, vocabulary: torch.Tensor):
         tokenizer = models.tokenizer
         self.models = models
-        self.matrix = models.text_encoder.get_input_embeddings().weight.detach()
-        self.matrix_name = next(n for n, p in models.text_encoder.named_parameters()
-                                if p is models.text_encoder.get_input_embeddings().weight)
+        self.vocabulary = vocabulary
         room = tokenizer.model_max_length - 2 - tokens
         if room < 1:
             raise UsageError(f"--attack-tokens {tokens} leaves no room for the prompt in this text encoder's "
                              f"{tokenizer.model_max_length} positions", hint="pass fewer --attack-tokens")
-        self.prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[:room]
-        placeholders = [self.matrix.shape[0] + i for i in range(tokens)]
-        ids = [tokenizer.bos_token_id, *placeholders, *self.prompt_ids, tokenizer.eos_token_id]
-        ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
-        self.ids = torch.tensor([ids], device=models.device)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[:room]
+        used = set(prompt_ids)
+        self.slots = torch.tensor([i for i in vocabulary.tolist() if i not in used][-tokens:], device=models.device)
+        self.matrices = [encoder.get_input_embeddings().weight.detach() for encoder, _ in models.text_encoders]
+        self.vocabulary_rows = [matrix[vocabulary] for matrix in self.matrices]
+        self.token_ids = []
+        for _, each in models.text_encoders:
+            ids = [each.bos_token_id, *self.slots.tolist(), *prompt_ids, each.eos_token_id]
+            ids += [each.pad_token_id] * (each.model_max_length - len(ids))
+            self.token_ids.append(torch.tensor([ids], device=models.device))
 
-    def __call__(self, prefix_embeds: torch.Tensor) -> torch.Tensor:
-        matrix = torch.cat([self.matrix, prefix_embeds.to(self.matrix.dtype)])
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        tables = [matrix.index_put((self.slots,), weights.to(rows.dtype) @ rows)
+                  for matrix, rows in zip(self.matrices, self.vocabulary_rows)]
         with self.models.autocast():
-            return functional_call(self.models.text_encoder, {self.matrix_name: matrix}, (self.ids,))[0].float()
+            return self.models.encode_ids(self.token_ids, tables).float()
 
 
 @torch.no_grad()
@@ -101,7 +113,7 @@ def target_latents(models, image_path) -> torch.Tensor:
     except OSError as exc:
         raise RecareError(f"cannot read the target image '{image_path}': {exc}") from None
     pixels = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).to(models.device)
-    with models.autocast():
+    with models.vae_autocast():
         return models.vae.encode(pixels).latent_dist.mean.float() * models.vae_scale
 
 
@@ -112,12 +124,13 @@ def denoising_loss(models, embeds: torch.Tensor, latents_0: torch.Tensor, timest
     return F.mse_loss(models.eps(latents_t, t, embeds), noise)
 
 
-def search(models, vocabulary: torch.Tensor, prompt: PrefixPrompt, latents_0: torch.Tensor, tokens: int,
-           steps: int, lr: float, seed: int, task) -> tuple[list[int], list[float]]:
+def search(models, prompt: PrefixPrompt, latents_0: torch.Tensor, steps: int, lr: float, seed: int,
+           task) -> tuple[list[int], list[float]]:
     """The prefix's token ids and the loss of every step."""
     generator = torch.Generator().manual_seed(seed)
-    vocabulary_embeds = prompt.matrix[vocabulary]
-    weights = torch.full((tokens, len(vocabulary)), 1.0 / len(vocabulary), device=models.device, requires_grad=True)
+    vocabulary = prompt.vocabulary
+    weights = torch.full((len(prompt.slots), len(vocabulary)), 1.0 / len(vocabulary), device=models.device,
+                         requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=lr, weight_decay=WEIGHT_DECAY)
     losses = []
     for _ in range(steps):
@@ -125,8 +138,7 @@ def search(models, vocabulary: torch.Tensor, prompt: PrefixPrompt, latents_0: to
         noise = torch.randn(latents_0.shape, generator=generator).to(models.device)
 
         optimizer.zero_grad(set_to_none=True)
-        prefix_embeds = SampledOneHot.apply(weights, generator) @ vocabulary_embeds
-        loss = denoising_loss(models, prompt(prefix_embeds), latents_0, timestep, noise)
+        loss = denoising_loss(models, prompt(SampledOneHot.apply(weights, generator)), latents_0, timestep, noise)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
@@ -143,10 +155,10 @@ def run(ctx: AttackContext, target: AttackTarget) -> Adversarial:
         raise RecareError(f"unlearndiffatk has no target image for '{target.prompt}' seed {target.seed}")
     models = ctx.models
     vocabulary = ctx.shared("vocabulary", ctx.vocabulary)
-    prompt = PrefixPrompt(models, target.prompt, tokens)
+    prompt = PrefixPrompt(models, target.prompt, tokens, vocabulary)
     latents_0 = target_latents(models, target.target_image)
     with ctx.progress(steps) as task:
-        prefix_ids, losses = search(models, vocabulary, prompt, latents_0, tokens, steps,
-                                    float(ctx.option("lr", DEFAULT_LR)), ctx.seed(target), task)
+        prefix_ids, losses = search(models, prompt, latents_0, steps, float(ctx.option("lr", DEFAULT_LR)),
+                                    ctx.seed(target), task)
     prefix = models.tokenizer.decode(prefix_ids).strip()
     return Adversarial(f"{prefix} {target.prompt}", losses, token_ids=prefix_ids)

@@ -104,10 +104,14 @@ class EraseModels:
         `tables` replaces each text encoder's token-embedding matrix for this call (textual
         inversion trains one row of them); gradients flow into it.
         """
+        return self.encode_ids([self.token_ids(prompts, tokenizer) for _, tokenizer in self.text_encoders], tables)
+
+    def encode_ids(self, token_ids: list[torch.Tensor], tables: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`encode` of prompts already tokenized: [B, L] ids for each text encoder (each its own padding)."""
         sdxl = self.text_encoder_2 is not None
         outputs = []
-        for i, (encoder, tokenizer) in enumerate(self.text_encoders):
-            args, kwargs = (self.token_ids(prompts, tokenizer),), {"output_hidden_states": sdxl}
+        for i, ((encoder, _), ids) in enumerate(zip(self.text_encoders, token_ids, strict=True)):
+            args, kwargs = (ids,), {"output_hidden_states": sdxl}
             if tables is None:
                 outputs.append(encoder(*args, **kwargs))
             else:

@@ -358,10 +358,10 @@ def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: d
     write_safetensors(unet_path, state, metadata)
     if tokens:
         from recare_cli.erase.inversion import split_rows
-        from recare_cli.models import learned_tokens_tensors
+        from recare_cli.models import write_learned_tokens
 
-        write_safetensors(run_dir / TOKENS_FILE, learned_tokens_tensors({t: split_rows(models, e) for t, e in tokens}),
-                      {"tokens": json.dumps([t for t, _ in tokens]), "initializer": plans[0].initializer_token})
+        write_learned_tokens(run_dir / TOKENS_FILE, {t: split_rows(models, e) for t, e in tokens},
+                             {"initializer": plans[0].initializer_token})
     if request.save_pt:
         with atomic_path(run_dir / PT_FILE) as tmp:
             torch.save(state, tmp)
