@@ -237,3 +237,28 @@ def test_uce_edits_every_cross_attention_to_the_closed_form_on_the_sdxl_context(
         expected = torch.linalg.lstsq(design, wanted).solution.T
         assert torch.allclose(edited[key].double(), expected, atol=1e-5), key
     assert all(torch.equal(edited[k], v) for k, v in original.items() if k not in projections)
+
+
+# generate -----------------------------------------------------------------------------------------
+
+def test_generate_draws_at_the_models_default_size_with_diffusers_size_conditioning(run_cli, tiny_xl_pipe, tmp_path,
+                                                                                   monkeypatch):
+    """No --height/--width: the UNet's sample size times the VAE's scale factor (1024 px, as for SDXL base),
+    and the UNet told original size = target size = 1024, no crop."""
+    assert tiny_xl_pipe.default_sample_size * tiny_xl_pipe.vae_scale_factor == 1024  # this built-in is SDXL-sized
+    time_ids = []
+    load = model_loading.load_pipeline
+
+    def load_and_watch(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(
+            lambda module, a, kw: time_ids.append(kw["added_cond_kwargs"]["time_ids"].tolist()), with_kwargs=True)
+        return pipe
+
+    monkeypatch.setattr(model_loading, "load_pipeline", load_and_watch)
+    result = run_cli("generate", "--model", "tiny-random-xl", "--device", "cpu", "--steps", "1", "-p", "a cat",
+                     "--quiet", "--output-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "out" / "a_cat_0.png") as image:
+        assert image.size == (1024, 1024)
+    assert time_ids == [[[1024, 1024, 0, 0, 1024, 1024]] * 2]  # one step, unconditional and conditional rows
