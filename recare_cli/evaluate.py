@@ -212,6 +212,7 @@ class EvalReport:
     files: list[str]
     main_process: bool = True  # False in the other processes of an `accelerate launch` run: they only render
     attacked: list[tuple[str, str, str]] = field(default_factory=list)  # (model, attacked model, their delta's label)
+    generate_commands: dict[str, str] = field(default_factory=dict)  # attacked model -> `recare generate` of its images
 
     def summary(self) -> list[dict]:
         return [r for r in self.records if not r.get("detail")]
@@ -341,6 +342,12 @@ def evaluate(
     for label, attacked_label, delta_label in attacked_labels:
         records += deltas(records, attacked_label, label, delta_label)
 
+    commands = {}
+    if attack_plan is not None:
+        from recare_cli.attacks.run import generate_command
+
+        commands = {under_attack.label: generate_command(ctx, output_dir, under_attack.label)
+                    for ctx, under_attack in attacked}
     files = write_results(output_dir, records, {
         "command": "eval",
         "metrics": [m.name for m in metrics],
@@ -352,13 +359,13 @@ def evaluate(
         "options": options,
         "attack": None if attack_plan is None else {
             "name": attack_plan.name, **asdict(attack_plan.settings),
-            "models": [under_attack.label for _, under_attack in attacked]},
+            "models": [under_attack.label for _, under_attack in attacked], "generate": commands},
         "versions": library_versions(),
     })
     if attack_plan is not None:
-        from recare_cli.attacks.run import prompts_file
+        from recare_cli.attacks.run import result_files
 
-        files += [str(prompts_file(output_dir, under_attack.label)) for _, under_attack in attacked]
+        files += [str(path) for _, under_attack in attacked for path in result_files(output_dir, under_attack.label)]
     if grid:
         from recare_cli.pictures import eval_grid
 
@@ -366,7 +373,8 @@ def evaluate(
         rows = contexts[1:] + contexts[:1] + [under_attack for _, under_attack in attacked]
         eval_grid([(ctx.label, ctx.images()) for ctx in rows], records, output_dir / GRID_FILE)
         files.append(str(output_dir / GRID_FILE))
-    return EvalReport(records, [m.describe() for m in models], output_dir, files, attacked=attacked_labels)
+    return EvalReport(records, [m.describe() for m in models], output_dir, files, attacked=attacked_labels,
+                      generate_commands=commands)
 
 
 def check_rows(metric: str, rows) -> list[Row]:

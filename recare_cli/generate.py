@@ -16,7 +16,7 @@ from pathlib import Path
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, image_problem, json_text, removing_new_dirs, write_json, write_text
 from recare_cli.manifest import RUN_RECORD, Writer, claim
-from recare_cli.models import Runtime, library_versions
+from recare_cli.models import Runtime, library_versions, read_embeddings_files
 from recare_cli.numbers import SEED_LIMIT, check_all, check_job_count, parse_seed
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.processes import own_device, process_group
@@ -54,6 +54,7 @@ class GenerateSettings:
     scheduler: str | None = None
     unet: str | None = None
     overwrite: bool = False
+    embeddings: tuple[str, ...] = ()  # learned-token files (--embeddings) the text encoder(s) get
 
 
 @dataclass
@@ -187,6 +188,7 @@ def generate(
     """
     settings = settings or GenerateSettings()
     check_all(asdict(settings))
+    read_embeddings_files(settings.embeddings)  # a bad file fails now, even when every image exists already
     jobs = plan_jobs(rows, num_images, seed)
     claim(output_dir, GENERATE)
     with removing_new_dirs(output_dir):
@@ -218,7 +220,8 @@ def _generate_missing(
     mine = pending[rank::world]
     if mine:
         if pipe is None:
-            pipe, _, _ = own_device(runtime, state).pipeline(settings.unet, settings.scheduler)
+            pipe, _, _ = own_device(runtime, state).pipeline(settings.unet, settings.scheduler,
+                                                             embeddings=settings.embeddings)
         reporter.info(f"Generating {len(pending)} of {len(jobs)} images with {runtime.resolve().spec} on {pipe.device}")
         render_images(pipe, mine, output_dir, settings, reporter)
     if state is not None:
@@ -270,6 +273,7 @@ def _write_manifest(
             "case_number": job.case_number, "steps": settings.steps, "guidance": settings.guidance,
             "height": settings.height, "width": settings.width, "negative_prompt": settings.negative_prompt,
             "scheduler": settings.scheduler, "model": runtime.model, "unet": settings.unet,
+            **({"embeddings": list(settings.embeddings)} if settings.embeddings else {}),
         }
     write_text(path, "".join(json_text(entry) + "\n" for entry in lines.values()))
 

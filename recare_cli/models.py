@@ -543,18 +543,74 @@ def read_learned_tokens(path: Path) -> dict:
     return {t: [tensors[t]] for t in order + sorted(set(tensors) - set(order))}
 
 
-def add_learned_tokens(pipe, path: Path) -> list[str]:
-    """Add an erase run's adversarial tokens (tokens.safetensors) to the pipeline's text encoder(s)."""
+EMBEDDINGS_HINT = ("pass an embeddings.safetensors of `recare eval --attack`, or the tokens.safetensors of an erase "
+                   "run or of `recare export --format tokens`")
+
+
+def read_embeddings_files(specs) -> list[tuple[str, dict]]:
+    """(spec, {name: [row per text encoder]}) of each `--embeddings` file: cheap checks, before any model loads."""
+    read = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--embeddings '{spec}': no such file", hint=EMBEDDINGS_HINT)
+        try:
+            tokens = read_learned_tokens(path)
+        except RecareError as exc:
+            raise UsageError(f"--embeddings '{spec}': {exc.message}", hint=exc.hint or EMBEDDINGS_HINT) from None
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+            raise UsageError(f"--embeddings '{spec}' is not a safetensors file of token embeddings "
+                             f"({type(exc).__name__})", hint=EMBEDDINGS_HINT) from None
+        read.append((str(spec), tokens))
+    return read
+
+
+def text_encoder_widths(ref: ModelRef) -> list[int] | None:
+    """Token-embedding widths of the model's text encoder(s), from its configs; None where only loading tells."""
+    if ref.kind == "single-file":
+        return None
+    widths = []
+    for name in ("text_encoder", "text_encoder_2"):
+        config = ref.path / name / "config.json"
+        if config.is_file():
+            widths.append(int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"]))
+    return widths or None
+
+
+def check_token_widths(embeddings: dict, widths: list[int], source: str) -> None:
+    """Every token has one row per text encoder, each as wide as that encoder's embeddings."""
+    for name, rows in embeddings.items():
+        got = [int(row.numel()) for row in rows]
+        if got != widths:
+            raise RecareError(f"{source} holds token '{name}' with {'+'.join(map(str, got))} dimensions, this model's "
+                              f"text encoder(s) take {'+'.join(map(str, widths))}",
+                              hint="the tokens were learned on another base model; pass that one with --model")
+
+
+def add_learned_tokens(pipe, path: Path, embeddings: dict | None = None, source: str | None = None) -> list[str]:
+    """Add learned tokens (a tokens.safetensors: an erase run's, an attack's) to the pipeline's text encoder(s).
+
+    `embeddings` is the file's content when the caller read it already. A token the tokenizer
+    already has is left as it is if it means the same (the same file twice), refused otherwise.
+    """
     import torch
 
-    embeddings = read_learned_tokens(path)
-    names = [name for name in embeddings if name not in pipe.tokenizer.get_vocab()]
+    embeddings = read_learned_tokens(path) if embeddings is None else embeddings
+    source = source or f"'{path}'"
     pairs = text_encoder_pairs(pipe)
-    for name in names:
-        if len(embeddings[name]) != len(pairs):
-            raise RecareError(f"'{path}' holds {len(embeddings[name])} embedding(s) per token, "
-                              f"this model has {len(pairs)} text encoder(s)",
-                              hint="the tokens were learned on another base model; pass that one with --model")
+    check_token_widths(embeddings, [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in pairs], source)
+    vocabulary = pipe.tokenizer.get_vocab()
+    names = []
+    for name, rows in embeddings.items():
+        if name not in vocabulary:
+            names.append(name)
+            continue
+        same = all(torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(name)].detach().cpu(),
+                               row.reshape(-1).to(encoder.dtype)) for (encoder, tokenizer), row in zip(pairs, rows))
+        if not same:
+            raise RecareError(f"{source}: token '{name}' is already in this model's vocabulary with another meaning",
+                              hint="a learned token must be a new word: rename it, or leave out the file that "
+                                   "defines it twice")
     for i, (encoder, tokenizer) in enumerate(pairs):
         tokenizer.add_tokens(names)
         encoder.resize_token_embeddings(len(tokenizer))
@@ -613,22 +669,42 @@ class Runtime:
     def resolve(self) -> ModelRef:
         return resolve_model(self.model, self.cache_dir, self.offline)
 
-    def pipeline(self, unet: str | None = None, scheduler: str | None = None, device: str | None = None):
-        """(pipeline on the device, ModelRef, path of the --unet weights or None)."""
+    def pipeline(self, unet: str | None = None, scheduler: str | None = None, device: str | None = None,
+                 embeddings=()):
+        """(pipeline on the device, ModelRef, path of the --unet weights or None).
+
+        `embeddings`: learned-token files (`--embeddings`) whose tokens the text encoder(s) get.
+        """
         quiet_libraries()
         check_scheduler(scheduler)
         device = device or self.torch_device()
         dtype = resolve_dtype(self.dtype, device)
         ref = self.resolve()
-        # A bad --unet (missing, pickled code, not finite) fails before the model's load.
+        # A bad --unet (missing, pickled code, not finite) or --embeddings file fails before the model's load.
         unet_path = resolve_unet(unet, self.cache_dir) if unet else None
         unet_state = read_unet_state_dict(unet_path) if unet else None
+        token_files = read_embeddings_files(embeddings)
+        widths = text_encoder_widths(ref) if token_files else None
+        for spec, tokens in token_files if widths else ():
+            _as_usage_error(check_token_widths, tokens, widths, f"--embeddings '{spec}'")
         pipe = load_pipeline(ref, torch_dtype=dtype, offline=self.offline)
         if unet:
             load_unet_into(pipe, unet, unet_path, unet_state)
+        for spec, tokens in token_files:
+            _as_usage_error(add_learned_tokens, pipe, Path(spec), tokens, f"--embeddings '{spec}'")
         set_scheduler(pipe, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device), ref, unet_path
+
+
+def _as_usage_error(check: Callable, *args) -> None:
+    """A file the user named that does not fit the model is theirs to change: exit 2, as any bad argument."""
+    try:
+        check(*args)
+    except UsageError:
+        raise
+    except RecareError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
 
 
 def library_versions() -> dict:

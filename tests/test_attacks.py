@@ -288,3 +288,72 @@ def test_bad_attack_input_is_a_usage_error_before_anything_loads(tmp_path, run_d
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# rendering the adversarial prompts again with plain `recare generate` ------------------------
+
+def test_generate_renders_concept_inversion_prompts_with_their_embeddings_as_eval_did(tmp_path, run_cli, seen_metric):
+    import shlex
+
+    out = tmp_path / "out"
+    result = run_cli("eval", *TINY, "-m", seen_metric, "-p", "a photo of an apple", *FAST, "--attack",
+                     "concept-inversion", "--attack-steps", "2", "--target", "apple", "--attack-images",
+                     noise_images(tmp_path / "apples", 2), "--output-dir", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    final = json_lines(result)[-1]
+    folder = out / "attacks" / "model+concept-inversion"
+    assert str(folder / "embeddings.safetensors") in final["files"]
+    command = shlex.split(final["generate"]["model+concept-inversion"])
+    assert command[:2] == ["recare", "generate"] and str(folder / "embeddings.safetensors") in command
+    again = Path(command[command.index("--output-dir") + 1])
+
+    rendered = run_cli(*command[1:], "--quiet")
+    assert rendered.exit_code == 0, rendered.stderr
+    (name,) = [image.name for image in (out / "images" / "model+concept-inversion").glob("*.png")]
+    eval_image = np.asarray(Image.open(out / "images" / "model+concept-inversion" / name))
+    assert np.array_equal(np.asarray(Image.open(again / name)), eval_image)
+
+    # Without the embeddings the learned token is text the tokenizer splits: another image.
+    without = command[1:command.index("--embeddings")] + command[command.index("--embeddings") + 2:]
+    without[without.index("--output-dir") + 1] = str(tmp_path / "without")
+    assert run_cli(*without, "--quiet").exit_code == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "without" / name)), eval_image)
+
+
+def _token_file(path: Path, rows: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(rows, str(path), metadata={"tokens": json.dumps(list(rows))})
+    return path
+
+
+@pytest.mark.parametrize("files, message, loads", [
+    (["MISSING"], "--embeddings '{MISSING}': no such file — pass an embeddings.safetensors", False),
+    (["NOT_SAFETENSORS"], "--embeddings '{NOT_SAFETENSORS}' is not a safetensors file of token embeddings", False),
+    (["WIDE"], "holds token 'token_wide' with 48 dimensions, this model's text encoder(s) take 32 — "
+               "the tokens were learned on another base model", False),
+    (["ONE", "OTHER_ONE"], "--embeddings '{OTHER_ONE}': token 'token_one' is already in this model's vocabulary "
+                           "with another meaning", True),
+    (["WORD"], "token 'a</w>' is already in this model's vocabulary with another meaning", True),
+])
+def test_bad_embeddings_files_are_one_line_usage_errors(tmp_path, run_cli, monkeypatch, files, message, loads):
+    from recare_cli import models as model_loading
+
+    named = {
+        "MISSING": tmp_path / "missing.safetensors",
+        "NOT_SAFETENSORS": tmp_path / "tokens.safetensors",
+        "WIDE": _token_file(tmp_path / "wide.safetensors", {"token_wide": torch.zeros(48)}),
+        "ONE": _token_file(tmp_path / "one.safetensors", {"token_one": torch.zeros(32)}),
+        "OTHER_ONE": _token_file(tmp_path / "other.safetensors", {"token_one": torch.ones(32)}),
+        "WORD": _token_file(tmp_path / "word.safetensors", {"a</w>": torch.zeros(32)}),
+    }
+    named["NOT_SAFETENSORS"].write_text("not a tensor file")
+    if not loads:
+        monkeypatch.setattr(model_loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = [a for key in files for a in ("--embeddings", named[key])]
+    result = run_cli("generate", *TINY, *FAST, "-p", "a cat", *args, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    expected = message.format(**{k: str(v) for k, v in named.items()})
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -232,11 +232,45 @@ def _write_prompts(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
+def _embeddings_files(work_dir: Path) -> list[Path]:
+    return [work_dir / EMBEDDINGS] if (work_dir / EMBEDDINGS).is_file() else []
+
+
+def result_files(output_dir: Path, attacked: str) -> list[Path]:
+    """What a user reuses of an attacked model's results: its prompts, and a soft attack's embeddings."""
+    return [prompts_file(output_dir, attacked), *_embeddings_files(Path(output_dir) / ATTACKS_DIR / attacked)]
+
+
+def generate_command(plain, output_dir: Path, label: str) -> str:
+    """The `recare generate` command that renders the images of `label` (an attacked model) again, pixel for pixel."""
+    import shlex
+
+    work_dir = Path(output_dir) / ATTACKS_DIR / label
+    runtime, generation = plain.runtime, plain.generation
+    words = ["recare", "generate", "--model", runtime.model]
+    if plain.model.unet:
+        words += ["--unet", plain.model.unet]
+    words += ["--prompts-file", work_dir / PROMPTS_CSV]
+    for path in _embeddings_files(work_dir):
+        words += ["--embeddings", path]
+    words += ["--num-images", 1, "--steps", generation.steps, "--guidance", generation.guidance]
+    for flag, value in (("--height", generation.height), ("--width", generation.width),
+                        ("--negative-prompt", generation.negative_prompt), ("--scheduler", generation.scheduler)):
+        if value is not None:
+            words += [flag, value]
+    if generation.batch_size != 1:  # batching may change pixels by float rounding
+        words += ["--batch-size", generation.batch_size]
+    for flag, value in (("--device", runtime.device), ("--dtype", runtime.dtype)):
+        if value != "auto":
+            words += [flag, value]
+    words += ["--output-dir", Path(output_dir) / "images-again" / label]
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
 def _render(plan: AttackPlan, plain, targets, found: dict, work_dir: Path, images_dir: Path, label: str,
             reporter: Reporter):
     """One image per adversarial prompt, with the plain image's seed; the manifest names what it attacks."""
     from recare_cli.generate import MANIFEST, PromptRow, generate, is_readable_image, plan_jobs, read_manifest
-    from recare_cli.models import add_learned_tokens
 
     rows = [PromptRow(found[t.key]["prompt"], t.seed, found[t.key]["case_number"]) for t in targets]
     jobs = plan_jobs(rows, 1, plain.seed)
@@ -246,9 +280,8 @@ def _render(plan: AttackPlan, plain, targets, found: dict, work_dir: Path, image
             (images_dir / job.file).unlink(missing_ok=True)
     pipe = None
     if any(not is_readable_image(images_dir / job.file) for job in jobs):
-        pipe, _, _ = plain.runtime.pipeline(plain.model.unet, plain.generation.scheduler)
-        if (work_dir / EMBEDDINGS).is_file():
-            add_learned_tokens(pipe, work_dir / EMBEDDINGS)
+        pipe, _, _ = plain.runtime.pipeline(plain.model.unet, plain.generation.scheduler,
+                                            embeddings=_embeddings_files(work_dir))
     reporter.event("images", model=label, folder=str(images_dir))
     generate(rows, images_dir, plain.runtime, replace(plain.generation, unet=plain.model.unet), 1, plain.seed,
              reporter, record={"command": "eval", "label": label, "attack": plan.name}, pipe=pipe)

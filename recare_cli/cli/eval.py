@@ -97,7 +97,8 @@ def evaluate(
     Under `accelerate launch` the processes split the image generation; the main one measures and
     writes the results (docs/multi-gpu.md).
     With --attack, each table reads `plain → under attack (delta)` per model, and the adversarial
-    prompts are in attacks/MODEL+ATTACK/prompts.csv (reusable with `recare generate --prompts-file`).
+    prompts are in attacks/MODEL+ATTACK/prompts.csv, and the `recare generate` command that renders
+    their images again (--prompts-file, and --embeddings for a soft attack's tokens) is printed.
     """
     from recare_cli import evaluate as core
     from recare_cli.attacks import AttackSettings
@@ -124,7 +125,8 @@ def evaluate(
     if common.json:
         for record in report.summary():
             reporter.result(core.public(record))
-    reporter.result({"files": report.files}, render=lambda console: render_tables(console, report))
+    reporter.result({"files": report.files, **({"generate": report.generate_commands} if report.generate_commands else {})},
+                    render=lambda console: render_tables(console, report))
 
 
 def _cell(value, signed: bool = False) -> str:
@@ -184,3 +186,5 @@ def render_tables(console, report) -> None:
             table.caption = f"{details} per-image rows in results.csv"
         console.print(table)
     console.print(f"results → {', '.join(report.files)}", highlight=False)
+    for label, command in report.generate_commands.items():
+        console.print(f"images of {label} again: {command}", highlight=False, soft_wrap=True)

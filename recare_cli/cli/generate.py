@@ -30,6 +30,9 @@ def generate(
         help="pndm, ddim, ddpm, euler, euler-a, lms, heun, dpm++ or unipc (default: the model's).")] = None,
     unet: Annotated[Optional[str], typer.Option(
         help="Erased UNet weights: .pt, .safetensors, a UNet folder, a run directory or a cache name.")] = None,
+    embeddings: Annotated[Optional[list[Path]], typer.Option(
+        help="Learned tokens to use in the prompts (repeatable): the embeddings.safetensors of "
+             "`recare eval --attack`, or a tokens.safetensors (SD: name → vector; SDXL: clip_l/clip_g).")] = None,
     output_dir: Annotated[Path, typer.Option(help="Where images, manifest.jsonl and the run record go.")] = Path("images"),
     overwrite: Annotated[bool, typer.Option(help="Regenerate images that already exist.")] = False,
 ) -> None:
@@ -42,6 +45,7 @@ def generate(
     settings = core.GenerateSettings(
         steps=steps, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
         batch_size=batch_size, scheduler=scheduler, unet=unet, overwrite=overwrite,
+        embeddings=tuple(str(path) for path in embeddings or ()),
     )
     runtime = Runtime(common.model, common.device, common.dtype, common.offline, common.cache_dir)
     reporter = common.reporter
