@@ -31,7 +31,7 @@ def generate(
     unet: Annotated[Optional[str], typer.Option(
         help="Erased UNet weights: .pt, .safetensors, a UNet folder, a run directory or a cache name.")] = None,
     embeddings: Annotated[Optional[list[Path]], typer.Option(
-        help="Learned tokens to use in the prompts (repeatable): the embeddings.safetensors of "
+        metavar="FILE", help="Learned tokens to use in the prompts (repeatable): the embeddings.safetensors of "
              "`recare eval --attack`, or a tokens.safetensors (SD: name → vector; SDXL: clip_l/clip_g).")] = None,
     output_dir: Annotated[Path, typer.Option(help="Where images, manifest.jsonl and the run record go.")] = Path("images"),
     overwrite: Annotated[bool, typer.Option(help="Regenerate images that already exist.")] = False,
