@@ -587,30 +587,33 @@ def check_token_widths(embeddings: dict, widths: list[int], source: str) -> None
                               hint="the tokens were learned on another base model; pass that one with --model")
 
 
+def check_tokens_are_new(pipe, embeddings: dict, source: str) -> None:
+    """A token the tokenizer already has must mean the same (the same file twice), or the prompts change meaning."""
+    import torch
+
+    pairs = text_encoder_pairs(pipe)
+    vocabulary = pipe.tokenizer.get_vocab()
+    for name, rows in embeddings.items():
+        if name in vocabulary and not all(
+                torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(name)].detach().cpu(),
+                            row.reshape(-1).to(encoder.dtype)) for (encoder, tokenizer), row in zip(pairs, rows)):
+            raise RecareError(f"{source}: token '{name}' is already in this model's vocabulary with another meaning",
+                              hint="a learned token must be a new word: leave out the file that defines it again")
+
+
 def add_learned_tokens(pipe, path: Path, embeddings: dict | None = None, source: str | None = None) -> list[str]:
     """Add learned tokens (a tokens.safetensors: an erase run's, an attack's) to the pipeline's text encoder(s).
 
-    `embeddings` is the file's content when the caller read it already. A token the tokenizer
-    already has is left as it is if it means the same (the same file twice), refused otherwise.
+    `embeddings` is the file's content when the caller read it already. Tokens the tokenizer has
+    already are left as they are.
     """
     import torch
 
     embeddings = read_learned_tokens(path) if embeddings is None else embeddings
-    source = source or f"'{path}'"
     pairs = text_encoder_pairs(pipe)
-    check_token_widths(embeddings, [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in pairs], source)
-    vocabulary = pipe.tokenizer.get_vocab()
-    names = []
-    for name, rows in embeddings.items():
-        if name not in vocabulary:
-            names.append(name)
-            continue
-        same = all(torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(name)].detach().cpu(),
-                               row.reshape(-1).to(encoder.dtype)) for (encoder, tokenizer), row in zip(pairs, rows))
-        if not same:
-            raise RecareError(f"{source}: token '{name}' is already in this model's vocabulary with another meaning",
-                              hint="a learned token must be a new word: rename it, or leave out the file that "
-                                   "defines it twice")
+    check_token_widths(embeddings, [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in pairs],
+                       source or f"'{path}'")
+    names = [name for name in embeddings if name not in pipe.tokenizer.get_vocab()]
     for i, (encoder, tokenizer) in enumerate(pairs):
         tokenizer.add_tokens(names)
         encoder.resize_token_embeddings(len(tokenizer))
@@ -691,6 +694,7 @@ class Runtime:
         if unet:
             load_unet_into(pipe, unet, unet_path, unet_state)
         for spec, tokens in token_files:
+            _as_usage_error(check_tokens_are_new, pipe, tokens, f"--embeddings '{spec}'")
             _as_usage_error(add_learned_tokens, pipe, Path(spec), tokens, f"--embeddings '{spec}'")
         set_scheduler(pipe, scheduler)
         pipe.set_progress_bar_config(disable=True)
