@@ -1,28 +1,93 @@
 #!/usr/bin/env bash
-# Mutation testing on the subset a shared 2-core machine finishes in minutes: recare_cli/fsutil.py
-# against tests/test_fsutil.py (no model loads, so each mutant costs well under a second).
-# The full configuration is pyproject.toml's [tool.mutmut] (`mutmut run`, hours on 2 cores).
-# Runs in a scratch copy of the committed tree, so the working tree is never mutated.
-#   bench/mutmut_subset.sh [PYTHON]        (default: .venv/bin/python)
+# Mutation testing of one part of recare against the fastest test files that cover it, so that a
+# shared 2-core machine finishes it in minutes to an hour (pyproject.toml's [tool.mutmut] holds the
+# whole configuration: `mutmut run`, many hours on 2 cores).
+# Runs in a scratch copy of the committed tree (HEAD), so the working tree is never mutated.
+#
+#   bench/mutmut_subset.sh PRESET                        a named part (list below)
+#   bench/mutmut_subset.sh -m GLOB... -t TESTFILE...     any modules against any test files
+#   options: -k DIR   keep the scratch copy in DIR (rerun one mutant there: `mutmut run NAME`)
+#            -j N     mutants tested at once (default 2)      -p PYTHON (default .venv/bin/python)
+#
+# Prints mutmut's verdict for every mutant, then the diff of every survivor.
 set -euo pipefail
+
+preset() {
+    case "$1" in
+        fsutil) mutate=(recare_cli/fsutil.py); tests=(tests/test_fsutil.py) ;;
+        export-check) mutate=(recare_cli/export/check.py); tests=(tests/test_export_checks.py) ;;
+        erase-pure)  # the method's formulas: no pipeline runs end to end
+            mutate=(recare_cli/erase/guidance.py recare_cli/erase/denoise.py recare_cli/erase/params.py
+                    recare_cli/erase/context.py)
+            tests=(tests/test_erase_method.py) ;;
+        erase-request) mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
+            tests=(tests/test_recipe.py tests/test_careset.py) ;;
+        erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
+        erase-stages)  # one short run each: what reaches the stages, resume, interruption
+            mutate=(recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
+                    recare_cli/erase/loop.py recare_cli/erase/tracking.py)
+            tests=(tests/test_erase_method.py tests/test_erase_stages.py tests/test_resume.py) ;;
+        erase-run) mutate=(recare_cli/erase/run.py recare_cli/erase/inputs.py)
+            tests=(tests/test_erase_stages.py tests/test_erase_cli.py tests/test_resume.py) ;;
+        *) echo "unknown preset '$1' (fsutil, export-check, erase-pure, erase-request, erase-baselines, erase-stages, erase-run)" >&2
+           exit 2 ;;
+    esac
+}
+
 root=$(git rev-parse --show-toplevel)
-python=$(realpath "${1:-$root/.venv/bin/python}")
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+python="$root/.venv/bin/python"
+keep="" jobs=2 mutate=() tests=()
+while getopts "m:t:k:j:p:" opt; do
+    case "$opt" in
+        m) mutate+=("$OPTARG") ;;
+        t) tests+=("$OPTARG") ;;
+        k) keep="$OPTARG" ;;
+        j) jobs="$OPTARG" ;;
+        p) python="$OPTARG" ;;
+        *) exit 2 ;;
+    esac
+done
+shift $((OPTIND - 1))
+if [ $# -gt 0 ]; then preset "$1"; fi
+if [ ${#mutate[@]} -eq 0 ] || [ ${#tests[@]} -eq 0 ]; then
+    echo "usage: $0 PRESET | -m GLOB... -t TESTFILE... [-k DIR] [-j N] [-p PYTHON]" >&2
+    exit 2
+fi
+python=$(realpath "$python")
+
+if [ -n "$keep" ]; then
+    scratch="$keep"
+    mkdir -p "$scratch"
+else
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+fi
 git -C "$root" archive HEAD | tar -x -C "$scratch"
 cd "$scratch"
-"$python" - <<'PY'
+MUTATE="${mutate[*]}" TESTS="${tests[*]}" "$python" - <<'PY'
+import json
+import os
 from pathlib import Path
+
 path = Path("pyproject.toml")
 text = path.read_text()
-text = text[: text.index("[tool.mutmut]")] + '''[tool.mutmut]
+text = text[: text.index("[tool.mutmut]")] + f'''[tool.mutmut]
 source_paths = ["recare_cli"]
-only_mutate = ["recare_cli/fsutil.py"]
+only_mutate = {json.dumps(os.environ["MUTATE"].split())}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
-pytest_add_cli_args_test_selection = ["tests/test_fsutil.py"]
+pytest_add_cli_args_test_selection = {json.dumps(os.environ["TESTS"].split())}
 process_isolation = "forkserver"
 '''
 path.write_text(text)
 PY
-nice -n 10 "$python" -m mutmut run --max-children 2 > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
-"$python" -m mutmut results --all true
+# One torch thread per mutant: the jobs share 2 cores with whatever else runs (benchmarks first).
+export OMP_NUM_THREADS=1
+start=$(date +%s)
+nice -n 15 "$python" -m mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
+echo "# $(date -u +%FT%TZ), $(( $(date +%s) - start )) s: ${mutate[*]} against ${tests[*]}"
+"$python" -m mutmut results --all true > results.txt
+cat results.txt
+awk -F': ' '{n++; c[$2]++} END {printf "# %d mutants:", n; for (s in c) printf " %d %s", c[s], s; print ""}' results.txt
+for name in $(awk -F': ' '$2 != "killed" {print $1}' results.txt); do
+    "$python" -m mutmut show "$name"
+done
