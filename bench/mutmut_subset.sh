@@ -53,7 +53,7 @@ if [ ${#mutate[@]} -eq 0 ] || [ ${#tests[@]} -eq 0 ]; then
     echo "usage: $0 PRESET | -m GLOB... -t TESTFILE... [-k DIR] [-j N] [-p PYTHON]" >&2
     exit 2
 fi
-python=$(realpath "$python")
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # not realpath: a venv python is a symlink
 
 if [ -n "$keep" ]; then
     scratch="$keep"
