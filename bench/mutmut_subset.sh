@@ -16,15 +16,14 @@ preset() {
     case "$1" in
         fsutil) mutate=(recare_cli/fsutil.py); tests=(tests/test_fsutil.py) ;;
         export-check) mutate=(recare_cli/export/check.py); tests=(tests/test_export_checks.py) ;;
-        erase-pure)  # the method's formulas: no pipeline runs end to end
-            mutate=(recare_cli/erase/guidance.py recare_cli/erase/denoise.py recare_cli/erase/params.py
-                    recare_cli/erase/context.py)
+        erase-pure)  # the method's formulas, checked by hand
+            mutate=(recare_cli/erase/guidance.py recare_cli/erase/denoise.py recare_cli/erase/params.py)
             tests=(tests/test_erase_method.py) ;;
         erase-request) mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
             tests=(tests/test_recipe.py tests/test_careset.py) ;;
         erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
         erase-stages)  # one short run each: what reaches the stages, resume, interruption
-            mutate=(recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
+            mutate=(recare_cli/erase/context.py recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
                     recare_cli/erase/loop.py recare_cli/erase/tracking.py)
             tests=(tests/test_erase_method.py tests/test_erase_stages.py tests/test_resume.py) ;;
         erase-run) mutate=(recare_cli/erase/run.py recare_cli/erase/inputs.py)
