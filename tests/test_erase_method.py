@@ -80,6 +80,29 @@ def test_compositional_target_without_anchor_is_neutral_plus_negative_mean():
     assert torch.allclose(target, t4(1.0 - 3.0, 1.0))
 
 
+def test_compositional_target_groups_by_sign_for_scales_below_one():
+    # --compositional-guidance-scale 0.5: the anchor (s = +0.5) still counts as positive, its (s - 1) negative.
+    eps_erase, eps_anchor = t4(1.0, 0.0), t4(0.0, 1.0)
+    target = compositional_target([eps_erase, eps_anchor], t4(0.0, 0.0), [-0.5, 0.5])
+    # P = (0.5 - 1) * (0, 1); N = (-0.5 - 1) * (1, 0): each the mean of its own group of one
+    assert torch.allclose(target, t4(-1.5, -0.5))
+
+
+def test_compositional_target_needs_one_scale_per_condition():
+    with pytest.raises(ValueError):
+        compositional_target([t4(1.0, 0.0), t4(0.0, 1.0)], t4(0.0, 0.0), [-2.0])
+
+
+def test_compositional_target_keeps_one_momentum_buffer_per_condition():
+    buffers = [MomentumBuffer(0.5), MomentumBuffer(0.5)]
+    eps_neu = t4(0.0, 0.0)
+    first = compositional_target([t4(1.0, 0.0), t4(0.0, 1.0)], eps_neu, [-2.0, 2.0], buffers=buffers)
+    assert torch.allclose(first, t4(-3.0, 1.0))  # (-3) * (1, 0) + 1 * (0, 1): nothing accumulated yet
+    second = compositional_target([t4(0.0, 2.0), t4(2.0, 0.0)], eps_neu, [-2.0, 2.0], buffers=buffers)
+    # erase: (0, 2) + 0.5 * (1, 0) = (0.5, 2); anchor: (2, 0) + 0.5 * (0, 1) = (2, 0.5)
+    assert torch.allclose(second, t4(2.0 - 3 * 0.5, 0.5 - 3 * 2.0))
+
+
 # schedules -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("items,iterations", [(["a", "b", "c"], 10), (["a", "b"], 6), (["a", "b", "c", "d"], 3)])
@@ -164,6 +187,22 @@ def test_prefix_on_a_v_prediction_model_is_ddim_step_for_step(tiny_v_pipe):
         latents = ddim.step(v_uncond + 3 * (v_cond - v_uncond), t, latents).prev_sample
     assert torch.allclose(ours, latents, atol=1e-5)
     assert (ours - latents_T).abs().max() > 1e-3  # it did step
+
+
+def test_training_draws_k_from_1_to_48(models, monkeypatch):
+    from recare_cli.erase import denoise
+
+    drawn = []
+
+    def prefix(predict, latents_T, embeds, times, k, prefix_steps):  # records k, skips the k UNet steps
+        drawn.append(k)
+        return latents_T
+
+    monkeypatch.setattr(denoise, "partial_denoise", prefix)
+    torch.manual_seed(0)
+    timesteps = [denoise.draw_training_latent(models, None, 64)[1] for _ in range(600)]
+    assert set(drawn) == set(range(1, 49))  # U{1..48}: never 0, never 49
+    assert timesteps == [models.times.training_timestep(k) for k in drawn]
 
 
 @pytest.mark.parametrize("k", [1, 2, 17, 48])

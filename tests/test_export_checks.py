@@ -101,3 +101,27 @@ def test_bf16_export_of_every_format_passes_its_check(run_cli, run_dir, tmp_path
         with safe_open(str(path), framework="pt") as handle:
             dtypes |= {handle.get_slice(k).get_dtype() for k in handle.keys()}
     assert dtypes == {"BF16"}, json.dumps(sorted(dtypes))
+
+
+def test_the_weight_check_names_what_is_missing_unexpected_or_changed():
+    from recare_cli.errors import RecareError
+    from recare_cli.export.check import require_same_weights
+
+    written = {"a.weight": torch.zeros(2, 3), "b.weight": torch.ones(4), "c.bias": torch.zeros(3)}
+    require_same_weights(written, {k: v.clone() for k, v in written.items()}, "UNet")  # the same: no error
+
+    def failure(loaded: dict) -> str:
+        with pytest.raises(RecareError) as caught:
+            require_same_weights(written, loaded, "UNet")
+        return str(caught.value)
+
+    missing = failure({k: v for k, v in written.items() if k != "b.weight"})
+    assert "1 missing, 0 unexpected, 0 changed, e.g. b.weight" in missing and "the UNet did not load back" in missing
+    unexpected = failure({**written, "d.weight": torch.zeros(1)})
+    assert "0 missing, 1 unexpected, 0 changed, e.g. d.weight" in unexpected
+    reshaped = failure({**written, "a.weight": torch.zeros(3, 2)})  # same values, another shape
+    assert "0 missing, 0 unexpected, 1 changed, e.g. a.weight" in reshaped
+    nudged = failure({**written, "c.bias": torch.tensor([0.0, 0.0, 1e-7])})  # any difference at all
+    assert "1 changed, e.g. c.bias" in nudged
+    everything = failure({"a.weight": torch.ones(2, 3), "d.weight": torch.zeros(1), "e.weight": torch.zeros(1)})
+    assert "2 missing, 2 unexpected, 1 changed, e.g. b.weight, c.bias, d.weight" in everything  # the first three
