@@ -124,4 +124,4 @@ def test_the_weight_check_names_what_is_missing_unexpected_or_changed():
     nudged = failure({**written, "c.bias": torch.tensor([0.0, 0.0, 1e-7])})  # any difference at all
     assert "1 changed, e.g. c.bias" in nudged
     everything = failure({"a.weight": torch.ones(2, 3), "d.weight": torch.zeros(1), "e.weight": torch.zeros(1)})
-    assert "2 missing, 2 unexpected, 1 changed, e.g. b.weight, c.bias, d.weight" in everything  # the first three
+    assert "2 missing, 2 unexpected, 1 changed, e.g. b.weight, c.bias, d.weight);" in everything  # three, no more
