@@ -16,9 +16,9 @@ preset() {
     case "$1" in
         fsutil) mutate=(recare_cli/fsutil.py); tests=(tests/test_fsutil.py) ;;
         export-check) mutate=(recare_cli/export/check.py); tests=(tests/test_export_checks.py) ;;
-        erase-pure)  # the method's formulas, checked by hand
-            mutate=(recare_cli/erase/guidance.py recare_cli/erase/denoise.py recare_cli/erase/params.py)
-            tests=(tests/test_erase_method.py) ;;
+        guidance) mutate=(recare_cli/erase/guidance.py); tests=(tests/test_guidance.py) ;;  # no model loads
+        erase-pure)  # the partial denoising and the trained weights, on the tiny-random model
+            mutate=(recare_cli/erase/denoise.py recare_cli/erase/params.py); tests=(tests/test_erase_method.py) ;;
         erase-request) mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
             tests=(tests/test_recipe.py tests/test_careset.py) ;;
         erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
@@ -28,7 +28,7 @@ preset() {
             tests=(tests/test_erase_method.py tests/test_erase_stages.py tests/test_resume.py) ;;
         erase-run) mutate=(recare_cli/erase/run.py recare_cli/erase/inputs.py)
             tests=(tests/test_erase_stages.py tests/test_erase_cli.py tests/test_resume.py) ;;
-        *) echo "unknown preset '$1' (fsutil, export-check, erase-pure, erase-request, erase-baselines, erase-stages, erase-run)" >&2
+        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-run)" >&2
            exit 2 ;;
     esac
 }
