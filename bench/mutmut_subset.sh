@@ -76,9 +76,12 @@ only_mutate = {json.dumps(os.environ["MUTATE"].split())}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 pytest_add_cli_args_test_selection = {json.dumps(os.environ["TESTS"].split())}
 process_isolation = "forkserver"
+timeout_constant = 30.0
 '''
 path.write_text(text)
 PY
+# timeout_constant: mutmut's CPU-time limit counts only the tests' own time, not the fixtures that
+# build and load a model in each mutant's fresh session; without the margin those mutants "time out".
 # One torch thread per mutant: the jobs share 2 cores with whatever else runs (benchmarks first).
 export OMP_NUM_THREADS=1
 start=$(date +%s)
