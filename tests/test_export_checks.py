@@ -113,7 +113,8 @@ def test_the_weight_check_names_what_is_missing_unexpected_or_changed():
     def failure(loaded: dict) -> str:
         with pytest.raises(RecareError) as caught:
             require_same_weights(written, loaded, "UNet")
-        return str(caught.value)
+        assert "--verbose" in caught.value.hint  # what to do next, on the error's own line
+        return caught.value.message
 
     missing = failure({k: v for k, v in written.items() if k != "b.weight"})
     assert "1 missing, 0 unexpected, 0 changed, e.g. b.weight" in missing and "the UNet did not load back" in missing

@@ -40,6 +40,12 @@ def test_update_clips_the_norm_when_a_threshold_is_set():
     assert torch.allclose(update(d, t4(1.0, 0.0), GuidanceKnobs(norm_threshold=10.0)), d)
 
 
+def test_update_clips_each_sample_by_its_own_norm():
+    d = torch.cat([t4(3.0, 4.0), t4(0.0, 0.4)])  # norms 5 and 0.4
+    p = torch.cat([t4(1.0, 0.0), t4(1.0, 0.0)])
+    # threshold 0.5: the first shrinks to norm 0.5, the second is already below it and stays
+    assert torch.allclose(update(d, p, GuidanceKnobs(norm_threshold=0.5)), torch.cat([t4(0.3, 0.4), t4(0.0, 0.4)]))
+
 def test_momentum_accumulates_the_direction():
     buffer = MomentumBuffer(0.5)
     update(t4(1.0, 0.0), t4(1.0, 0.0), GuidanceKnobs(momentum=0.5), buffer)
@@ -59,6 +65,13 @@ def test_single_negative_target_by_hand():
     target = single_negative_target(eps_pos, eps_neu, 3.0, GuidanceKnobs(eta=0.5))
     assert torch.allclose(target, t4(2.0 - 2 * 0.5, 0.0 + 2 * 1.0))
 
+
+def test_single_negative_target_carries_the_momentum_buffer():
+    buffer = MomentumBuffer(0.5)
+    eps_neu = t4(0.0, 0.0)
+    assert torch.allclose(single_negative_target(t4(1.0, 0.0), eps_neu, 2.0, buffer=buffer), eps_neu)
+    # d = (0, 1) + 0.5 * (1, 0) = (0.5, 1): the first step's direction carries over
+    assert torch.allclose(single_negative_target(t4(0.0, 1.0), eps_neu, 2.0, buffer=buffer), t4(-0.5, 0.0))
 
 def test_compositional_target_by_hand():
     eps_neu = t4(0.0, 0.0)
