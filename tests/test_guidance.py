@@ -23,9 +23,11 @@ def test_proj_splits_into_parallel_and_orthogonal_parts():
 
 def test_proj_is_per_sample():
     d = torch.cat([t4(1.0, 1.0), t4(1.0, 1.0)])
-    p = torch.cat([t4(1.0, 0.0), t4(0.0, 5.0)])
-    d_par, _ = proj(d, p)
-    assert torch.allclose(d_par, torch.cat([t4(1.0, 0.0), t4(0.0, 1.0)]))
+    p = torch.cat([t4(0.3, 0.4), t4(0.0, 2.0)])  # norms 0.5 and 2: p_hat = (0.6, 0.8) and (0, 1)
+    d_par, d_orth = proj(d, p)
+    assert d_par.shape == d_orth.shape == d.shape
+    # d . p_hat = 1.4 and 1
+    assert torch.allclose(d_par, torch.cat([t4(1.4 * 0.6, 1.4 * 0.8), t4(0.0, 1.0)]))
 
 
 def test_update_weights_the_parallel_part_by_eta():
@@ -45,6 +47,10 @@ def test_update_clips_each_sample_by_its_own_norm():
     p = torch.cat([t4(1.0, 0.0), t4(1.0, 0.0)])
     # threshold 0.5: the first shrinks to norm 0.5, the second is already below it and stays
     assert torch.allclose(update(d, p, GuidanceKnobs(norm_threshold=0.5)), torch.cat([t4(0.3, 0.4), t4(0.0, 0.4)]))
+    # the norm is over (C, H, W) together, not per pixel
+    wide = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
+    clipped = update(wide, torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), GuidanceKnobs(norm_threshold=2.5))
+    assert clipped.shape == wide.shape and torch.allclose(clipped, torch.tensor([1.5, 2.0]).view(1, 1, 1, 2))
 
 def test_momentum_accumulates_the_direction():
     buffer = MomentumBuffer(0.5)
