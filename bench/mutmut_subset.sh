@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of one part of recare against the fastest test files that cover it, so that a
-# shared 2-core machine finishes it in minutes to an hour (pyproject.toml's [tool.mutmut] holds the
-# whole configuration: `mutmut run`, many hours on 2 cores).
+# Mutation testing of one part of recare against the fastest test files that cover it: minutes for
+# the parts whose tests load no model (fsutil, guidance), hours for the training stages on 2 cores.
+# pyproject.toml's [tool.mutmut] holds the whole configuration (`mutmut run`: many hours).
 # Runs in a scratch copy of the committed tree (HEAD), so the working tree is never mutated.
 #
 #   bench/mutmut_subset.sh PRESET                        a named part (list below)
@@ -20,7 +20,7 @@ preset() {
         erase-pure)  # the partial denoising and the trained weights, on the tiny-random model
             mutate=(recare_cli/erase/denoise.py recare_cli/erase/params.py); tests=(tests/test_erase_method.py) ;;
         erase-request) mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
-            tests=(tests/test_recipe.py tests/test_careset.py) ;;
+            tests=(tests/test_recipe.py tests/test_integrity.py tests/test_erase_cli.py tests/test_careset.py) ;;
         erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
         erase-stages)  # one short run each: what reaches the stages, resume, interruption
             mutate=(recare_cli/erase/context.py recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
