@@ -11,6 +11,7 @@
 #
 # Prints mutmut's verdict for every mutant, then the diff of every survivor.
 set -euo pipefail
+{  # read whole before running: bash reads a script as it goes, and an edit mid-run would run garbage
 
 preset() {
     case "$1" in
@@ -93,3 +94,5 @@ awk -F': ' '{n++; c[$2]++} END {printf "# %d mutants:", n; for (s in c) printf "
 for name in $(awk -F': ' '$2 != "killed" {print $1}' results.txt); do
     "$python" -m mutmut show "$name"
 done
+exit
+}
