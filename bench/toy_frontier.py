@@ -200,7 +200,7 @@ def set_tokens(pipe, tokens_file: Path) -> list[str]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from recare_cli.models import add_learned_tokens
+    from recare_cli.learned_tokens import add_learned_tokens
 
     add_learned_tokens(pipe, tokens_file)
     table = pipe.text_encoder.get_input_embeddings().weight

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     from recare_cli.erase.run import run_erase
-    from recare_cli.models import Runtime, add_learned_tokens
+    from recare_cli.learned_tokens import add_learned_tokens
+    from recare_cli.models import Runtime
     from recare_cli.output import HUMAN, Reporter
 
     reporter = Reporter(HUMAN)

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     import torch
 
     from recare_cli.metrics.toy import concept_heads
-    from recare_cli.models import Runtime, add_learned_tokens
+    from recare_cli.learned_tokens import add_learned_tokens
+    from recare_cli.models import Runtime
     from recare_cli.output import HUMAN, Reporter
 
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from pathlib import Path
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, image_problem, json_text, removing_new_dirs, write_json, write_text
 from recare_cli.manifest import RUN_RECORD, Writer, claim
-from recare_cli.models import Runtime, library_versions, read_embeddings_files
+from recare_cli.learned_tokens import read_embeddings_files
+from recare_cli.models import Runtime, library_versions
 from recare_cli.numbers import SEED_LIMIT, check_all, check_job_count, parse_seed
 from recare_cli.output import QUIET_REPORTER, Reporter
 from recare_cli.processes import own_device, process_group

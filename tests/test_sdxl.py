@@ -139,7 +139,7 @@ def test_inversion_learns_the_token_in_both_text_encoders(xl_models, tmp_path):
 def test_a_run_stores_and_reloads_both_rows(tiny_xl_pipe, tmp_path):
     from safetensors import safe_open
 
-    from recare_cli.models import add_learned_tokens, learned_tokens_tensors
+    from recare_cli.learned_tokens import add_learned_tokens, learned_tokens_tensors
     from safetensors.torch import save_file
 
     rows = {"token_aaaa": [torch.randn(32), torch.randn(48)], "token_bbbb": [torch.randn(32), torch.randn(48)]}

@@ -189,7 +189,7 @@ def read_prompts_csv(path: Path) -> list[dict]:
 def _search(plan: AttackPlan, plain, targets, todo, found: dict, work_dir: Path, reporter: Reporter) -> None:
     from recare_cli.erase.context import EraseModels
     from recare_cli.erase.inversion import split_rows
-    from recare_cli.models import read_learned_tokens, write_learned_tokens
+    from recare_cli.learned_tokens import read_learned_tokens, write_learned_tokens
 
     models = EraseModels.load(plain.runtime, plain.model.unet)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)

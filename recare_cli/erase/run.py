@@ -358,7 +358,7 @@ def _write_outputs(run_dir: Path, models, request: EraseRequest, plans, model: d
     write_safetensors(unet_path, state, metadata)
     if tokens:
         from recare_cli.erase.inversion import split_rows
-        from recare_cli.models import write_learned_tokens
+        from recare_cli.learned_tokens import write_learned_tokens
 
         write_learned_tokens(run_dir / TOKENS_FILE, {t: split_rows(models, e) for t, e in tokens},
                              {"initializer": plans[0].initializer_token})

@@ -15,7 +15,7 @@ from recare_cli.export.writing import _metadata
 def _export_tokens(pipe, ref, source, settings, staged: Path, reporter) -> ExportResult:
     from safetensors.torch import save_file
 
-    from recare_cli.models import SDXL_TOKEN_KEYS, read_learned_tokens, text_encoder_pairs
+    from recare_cli.learned_tokens import SDXL_TOKEN_KEYS, read_learned_tokens, text_encoder_pairs
 
     pairs = text_encoder_pairs(pipe)
     widths = [encoder.get_input_embeddings().weight.shape[1] for encoder, _ in pairs]
