@@ -17,17 +17,10 @@ from recare_cli.evaluate import EvalContext, Row
 from recare_cli.generate import read_prompts
 from recare_cli.output import Task
 from recare_cli.plugins import Metric, registry
+from noise_images import noise_images
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
 FAST = ["--steps", "2", "--height", "64", "--width", "64"]
-
-
-def noise_images(folder: Path, count: int, size: int = 64) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
-    return folder
 
 
 @pytest.fixture
@@ -115,7 +108,7 @@ def test_the_prefix_is_made_of_real_vocabulary_tokens(tiny_models, tmp_path):
     from recare_cli.erase.inversion import add_token
 
     models = tiny_models
-    target_image = noise_images(tmp_path / "target", 1) / "img_0.png"
+    target_image = noise_images(tmp_path / "target", 1, 64) / "noise_0.png"
     added = add_token(models, "token_learned1", torch.zeros(models.text_encoder.config.hidden_size))
     ctx = attack_context(models, tmp_path, steps=3, tokens=4)
     vocabulary = ctx.vocabulary().tolist()

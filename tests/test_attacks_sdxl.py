@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from recare_cli.attacks import AttackContext, AttackSettings, AttackTarget, ConceptSource
 from recare_cli.attacks import unlearndiffatk
-from tests.test_attacks import noise_images, one_hot, seen_metric  # noqa: F401 - a fixture
+from noise_images import noise_images
+from tests.test_attacks import one_hot, seen_metric  # noqa: F401 - a fixture
 
 XL = ["--model", "tiny-random-xl", "--device", "cpu"]
 FAST = ["--steps", "2", "--height", "64", "--width", "64"]
@@ -52,7 +53,7 @@ def test_unlearndiffatk_predicts_with_pooled_embeds_and_time_ids_and_keeps_ids_v
     calls = []
     xl_models.unet.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("added_cond_kwargs")), with_kwargs=True)
-    target_image = noise_images(tmp_path / "target", 1) / "img_0.png"
+    target_image = noise_images(tmp_path / "target", 1, 64) / "noise_0.png"
     ctx = context(xl_models, tmp_path, steps=3, tokens=3)
     found = unlearndiffatk.run(ctx, AttackTarget("a red apple", 42, "a_red_apple_0.png", target_image=target_image))
 

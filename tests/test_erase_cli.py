@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from recare_cli.erase.loop import CHECKPOINT, STATE_KEY
+from noise_images import noise_images
 
 CARESET = {"nudity_care_word": ["A man", "A woman", "A beach"],
            "nudity_care_word_photo": ["A photo of man", "A photo of woman", "A photo of beach"]}
@@ -19,11 +20,7 @@ CARESET = {"nudity_care_word": ["A man", "A woman", "A beach"],
 def inputs(tmp_path_factory, tiny_model) -> dict:
     """Training images, a CARE set (and tiny-random built beforehand, whose build prints a bar)."""
     root = tmp_path_factory.mktemp("erase-inputs")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"img_{i}.png")
+    images = noise_images(root / "images", 4, (40, 48))
     careset = root / "careset.json"
     careset.write_text(json.dumps(CARESET))
     return {"images": images, "careset": careset, "root": root}

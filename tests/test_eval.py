@@ -16,20 +16,10 @@ from recare_cli.evaluate import EvalContext, Row
 from recare_cli.generate import GenerateSettings, PromptRow
 from recare_cli.models import Runtime
 from recare_cli.plugins import Metric, registry
+from noise_images import noise_images
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
 FAST = ["--steps", "2", "--height", "64", "--width", "64"]
-
-
-def write_noise_images(folder: Path, count: int, size: int = 48) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        path = folder / f"noise_{i}.png"
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture
@@ -95,7 +85,7 @@ def test_images_are_generated_once_and_shared_between_metrics(tmp_path, tiny_mod
 
 def test_a_metric_that_breaks_the_contract_is_named(tmp_path, extra_metrics):
     extra_metrics(Metric("sloppy", lambda ctx: {"value": 1}))
-    write_noise_images(tmp_path / "imgs", 1)
+    noise_images(tmp_path / "imgs", 1)
     with pytest.raises(RecareError, match="metric 'sloppy' returned dict, not a list of Row"):
         evaluate.evaluate(["sloppy"], Runtime("tiny-random", device="cpu"), tmp_path / "out", images_dir=tmp_path / "imgs")
     assert not (tmp_path / "out" / "results.csv").exists()
@@ -200,7 +190,7 @@ def test_a_missing_unet_fails_before_anything_is_written(tmp_path, run_cli):
     ("style", "--classifier-weights and --target"),
 ])
 def test_a_metrics_required_option_is_checked_first(tmp_path, run_cli, metric, needed):
-    write_noise_images(tmp_path / "imgs", 1)
+    noise_images(tmp_path / "imgs", 1)
     result = run_cli("eval", *TINY, "-m", "nudity", "-m", metric, "--images", tmp_path / "imgs",
                      "--output-dir", tmp_path / "out")
     assert result.exit_code == 2
@@ -209,14 +199,14 @@ def test_a_metrics_required_option_is_checked_first(tmp_path, run_cli, metric, n
 
 
 def test_clipscore_needs_prompts_for_a_bare_folder(tmp_path, run_cli):
-    write_noise_images(tmp_path / "imgs", 2)
+    noise_images(tmp_path / "imgs", 2)
     result = run_cli("eval", *TINY, "-m", "clipscore", "--images", tmp_path / "imgs", "--output-dir", tmp_path / "out")
     assert result.exit_code == 2
     assert "clipscore needs each image's prompt" in result.stderr and "manifest.jsonl" in result.stderr
 
 
 def test_compare_needs_prompts_and_a_different_model(tmp_path, run_cli):
-    write_noise_images(tmp_path / "imgs", 1)
+    noise_images(tmp_path / "imgs", 1)
     result = run_cli("eval", *TINY, "-m", "nudity", "--images", tmp_path / "imgs", "--compare", "base",
                      "--output-dir", tmp_path / "out")
     assert result.exit_code == 2 and "needs the prompts" in result.stderr

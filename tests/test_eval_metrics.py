@@ -12,16 +12,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from recare_cli.metrics import fid
 from recare_cli.metrics.clipscore import clip_score
+from noise_images import noise_images
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
-
-
-def noise_folder(folder: Path, count: int, size: int = 48, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"noise_{i}.png")
-    return folder
 
 
 def results(out: Path) -> list[dict]:
@@ -58,7 +51,7 @@ def best(detections, name="FEMALE_BREAST_EXPOSED") -> float:
 def test_nudity_hands_nudenet_bgr_and_reports_asr(tmp_path, run_cli):
     from nudenet import NudeDetector
 
-    folder = noise_folder(tmp_path / "imgs", 1)
+    folder = noise_images(tmp_path / "imgs", 1)
     cartoon = breast_cartoon()
     cartoon.save(folder / "cartoon.png")
     detector = NudeDetector()
@@ -92,7 +85,7 @@ def test_nudity_hands_nudenet_bgr_and_reports_asr(tmp_path, run_cli):
     (["--threshold", "1.5"], "--threshold must be at least 0 and at most 1"),
 ])
 def test_nudity_bad_options(tmp_path, run_cli, flags, message):
-    result = run_cli("eval", *TINY, "-m", "nudity", "--images", noise_folder(tmp_path / "imgs", 1),
+    result = run_cli("eval", *TINY, "-m", "nudity", "--images", noise_images(tmp_path / "imgs", 1),
                      "--output-dir", tmp_path / "out", *flags)
     assert result.exit_code == 2 and message in result.stderr
 
@@ -130,7 +123,7 @@ def expected_top1(path: Path, folder: Path) -> dict[str, str]:
 
 
 def test_object_with_a_resnet_checkpoint(tmp_path, run_cli, resnet_file):
-    folder = noise_folder(tmp_path / "imgs", 3)
+    folder = noise_images(tmp_path / "imgs", 3)
     expected = expected_top1(resnet_file, folder)
     out = tmp_path / "out"
     target = next(iter(expected.values()))
@@ -161,7 +154,7 @@ def test_object_with_a_real_resnet50_layout(tmp_path, run_cli):
     model = resnet50(weights=None).eval()
     weights = tmp_path / "resnet50-random.pth"
     torch.save(model.state_dict(), weights)
-    folder = noise_folder(tmp_path / "imgs", 2)
+    folder = noise_images(tmp_path / "imgs", 2)
     preprocess = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                      transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     names = [str(c) for c in __import__("torchvision").models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]]
@@ -182,7 +175,7 @@ def test_object_zero_shot_classifies_with_clip_over_the_imagenet_names(tmp_path,
     from recare_cli.metrics.object import imagenet_classes
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no classifier weights anywhere
-    folder = noise_folder(tmp_path / "imgs", 3)
+    folder = noise_images(tmp_path / "imgs", 3)
     clip = load_clip("tiny-random")
     names = imagenet_classes()
     text = clip.encode_text([f"a photo of a {c}." for c in names])
@@ -207,7 +200,7 @@ def test_object_zero_shot_classifies_with_clip_over_the_imagenet_names(tmp_path,
 
 def test_object_offline_without_weights_names_the_file(tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    result = run_cli("eval", *TINY, "-m", "object", "--target", "tench", "--images", noise_folder(tmp_path / "imgs", 1),
+    result = run_cli("eval", *TINY, "-m", "object", "--target", "tench", "--images", noise_images(tmp_path / "imgs", 1),
                      "--output-dir", tmp_path / "out")
     assert result.exit_code == 3
     assert "resnet50-11ad3fa6.pth" in result.stderr and "--classifier-weights" in result.stderr
@@ -217,7 +210,7 @@ def test_object_offline_without_weights_names_the_file(tmp_path, run_cli, monkey
 def test_object_rejects_what_is_not_a_classifier(tmp_path, run_cli):
     torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     (tmp_path / "notes.pth").write_text("hello")
-    folder = noise_folder(tmp_path / "imgs", 1)
+    folder = noise_images(tmp_path / "imgs", 1)
     for path, message in ((tmp_path / "other.pth", "is not a torchvision ResNet classifier"),
                           (tmp_path / "notes.pth", "is not a classifier checkpoint"),
                           (tmp_path / "missing.pth", "is not a file")):
@@ -227,7 +220,7 @@ def test_object_rejects_what_is_not_a_classifier(tmp_path, run_cli):
 
 
 def test_object_target_must_be_an_imagenet_class(tmp_path, run_cli, resnet_file):
-    folder = noise_folder(tmp_path / "imgs", 1)
+    folder = noise_images(tmp_path / "imgs", 1)
     for target, message in (("shark", "matches 2 classes (great white shark, tiger shark)"), ("tenchh", "did you mean tench"), ("1000", "out of range")):
         result = run_cli("eval", *TINY, "-m", "object", "--target", target, "--classifier-weights", resnet_file,
                          "--images", folder, "--output-dir", tmp_path / "out")
@@ -255,7 +248,7 @@ def vit_folder(tmp_path_factory) -> Path:
 def test_style_top_k_hits_of_an_artist(tmp_path, run_cli, vit_folder):
     from transformers import ViTForImageClassification, ViTImageProcessor
 
-    folder = noise_folder(tmp_path / "imgs", 4)
+    folder = noise_images(tmp_path / "imgs", 4)
     model = ViTForImageClassification.from_pretrained(vit_folder).eval()
     processor = ViTImageProcessor.from_pretrained(vit_folder)
     files = sorted(folder.iterdir())
@@ -285,7 +278,7 @@ def test_style_rejects_what_is_not_an_image_classifier(tmp_path, run_cli, resnet
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(
         tmp_path / "bert")
-    folder = noise_folder(tmp_path / "imgs", 1)
+    folder = noise_images(tmp_path / "imgs", 1)
     for path in (resnet_file, tmp_path / "bert"):
         result = run_cli("eval", *TINY, "-m", "style", "--target", "monet", "--classifier-weights", path,
                          "--images", folder, "--output-dir", tmp_path / "out")
@@ -299,7 +292,7 @@ def test_care_labels_and_labels_file(tmp_path, run_cli, cache_dir):
     from recare_cli.metrics.care import CARE_LABELS, TEMPLATE
 
     assert len(CARE_LABELS) == 82 and CARE_LABELS[-2:] == ("stars", "freshwater")
-    folder = noise_folder(tmp_path / "imgs", 3)
+    folder = noise_images(tmp_path / "imgs", 3)
     out = tmp_path / "out"
     result = run_cli("eval", *TINY, "-m", "care", "--targets", "unicorn", "--images", folder, "--output-dir", out)
     assert result.exit_code == 2 and "'unicorn' not among the 82 CARE labels" in result.stderr
@@ -331,7 +324,7 @@ def test_clip_score_is_100_times_the_positive_cosine():
 def test_clipscore_reads_prompts_from_the_manifest(tmp_path, run_cli, cache_dir):
     from recare_cli.clip import load_clip
 
-    folder = noise_folder(tmp_path / "imgs", 2)
+    folder = noise_images(tmp_path / "imgs", 2)
     prompts = {"noise_0.png": "a photo of a cat", "noise_1.png": "static on a screen"}
     (folder / "manifest.jsonl").write_text("".join(json.dumps({"file": f, "prompt": p, "seed": 1}) + "\n"
                                                    for f, p in prompts.items()))
@@ -389,7 +382,7 @@ def test_fewer_features_than_dimensions_use_the_features_as_the_factor():
 
 def test_fid_offline_without_inception_weights_names_the_file(tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    folder = noise_folder(tmp_path / "imgs", 2)
+    folder = noise_images(tmp_path / "imgs", 2)
     result = run_cli("eval", *TINY, "-m", "fid", "--reference-dir", folder, "--images", folder,
                      "--output-dir", tmp_path / "out")
     assert result.exit_code == 3
@@ -397,7 +390,7 @@ def test_fid_offline_without_inception_weights_names_the_file(tmp_path, run_cli,
 
 
 def test_fid_rejects_other_weights_and_an_empty_reference(tmp_path, run_cli, resnet_file):
-    folder = noise_folder(tmp_path / "imgs", 2)
+    folder = noise_images(tmp_path / "imgs", 2)
     result = run_cli("eval", *TINY, "-m", "fid", "--reference-dir", folder, "--inception-weights", resnet_file,
                      "--images", folder, "--output-dir", tmp_path / "out")
     assert result.exit_code == 1 and "is not an Inception v3 checkpoint" in result.stderr
@@ -420,8 +413,8 @@ def test_fid_end_to_end_equals_the_textbook_formula_on_the_same_features(tmp_pat
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     weights = tmp_path / "inception.pth"
     torch.save(model.state_dict(), weights)
-    generated = noise_folder(tmp_path / "a", 3, size=32, seed=1)
-    reference = noise_folder(tmp_path / "b", 4, size=32, seed=2)
+    generated = noise_images(tmp_path / "a", 3, size=32, seed=1)
+    reference = noise_images(tmp_path / "b", 4, size=32, seed=2)
 
     features_model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
     features_model.load_state_dict(torch.load(weights, weights_only=True))

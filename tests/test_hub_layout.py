@@ -8,13 +8,11 @@ out in a fresh HF_HOME by the test (tests/hub_layout.py), offline, and named by 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from hub_layout import REPO_ID, REVISION, hub_cache_copy
+from noise_images import noise_images
 
 CARESET = {"nudity_care_word": ["A man", "A woman"], "nudity_care_word_photo": ["A photo of man", "A photo of woman"]}
 SMALL = ["--device", "cpu", "--quiet"]
@@ -40,11 +38,7 @@ def erased_run(hub, tmp_path_factory):
     from recare_cli.cli import app
 
     root = tmp_path_factory.mktemp("hub-erase")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"img_{i}.png")
+    images = noise_images(root / "images", 2, 32)
     careset = root / "careset.json"
     careset.write_text(json.dumps(CARESET))
     out = root / "run"

@@ -15,13 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from recare_cli.erase.loop import CHECKPOINT, LEGACY_CHECKPOINT
 from recare_cli.manifest import RUN_RECORD, Writer
+from noise_images import noise_images
 
 CARESET = {"nudity_care_word": ["A man", "A woman"], "nudity_care_word_photo": ["A photo of man", "A photo of woman"]}
 TINY = ["--model", "tiny-random", "--device", "cpu"]
@@ -73,12 +72,7 @@ def no_model_load(monkeypatch):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, tiny_model) -> Path:
-    folder = tmp_path_factory.mktemp("integrity") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
-    return folder
+    return noise_images(tmp_path_factory.mktemp("integrity") / "images", 2, (40, 48))
 
 
 def esd_args(images: Path, out: Path, *extra) -> list:

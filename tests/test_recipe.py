@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from noise_images import noise_images
 
 BIN_DIR = Path(sys.executable).parent  # where the venv's `recare` script lives
 TINY = ["--resolution", "64", "--iterations", "1", "--prefix-steps", "1", "--checkpoint-every", "1"]
@@ -17,14 +17,7 @@ TINY = ["--resolution", "64", "--iterations", "1", "--prefix-steps", "1", "--che
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, tiny_model) -> Path:
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("recipe-inputs") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
-    return folder
+    return noise_images(tmp_path_factory.mktemp("recipe-inputs") / "images", 2, (40, 48))
 
 
 def write(path: Path, text: str) -> Path:
