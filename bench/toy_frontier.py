@@ -420,11 +420,14 @@ def claim(out: Path, name: str) -> bool:
     return True
 
 
-def care_words(runs: Path) -> list[str] | None:
+def care_words_of(run: Path) -> list[str] | None:
     import toy_quality
 
-    run = runs / "recare-p10-s42"
     return toy_quality.care_set_words(run) if (run / "careset.json").is_file() else None
+
+
+def care_words(runs: Path) -> list[str] | None:
+    return care_words_of(runs / "recare-p10-s42")
 
 
 def report(args) -> str:

@@ -167,6 +167,28 @@ def test_uce_edit_keeps_preserved_concepts_and_maps_erased_ones_to_the_guide(mod
         assert towards < 0.1, name  # the erased concept now gives (nearly) the guide's keys/values
 
 
+@pytest.mark.parametrize("concept_type, templates", [
+    ("object", ["image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"]),
+    ("style", ["painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"]),
+])
+def test_uce_expand_erases_each_concept_and_its_five_published_templates(models, concept_type, templates):
+    """--uce-expand (recare-method.md §9's templates): every templated prompt is an erase concept,
+    guided like the concept itself, and none becomes a preserve concept (docs/fidelity.md)."""
+    from recare_cli.erase.uce import UceSettings, cross_attention_projections, text_features, uce_edit, uce_weight
+
+    concepts = ["a cat", "a dog"]
+    erase = [p for c in concepts for p in [c] + [t.format(c) for t in templates]]
+    guide = "art" if concept_type == "style" else ""
+    c_erase, c_guide, c_keep = text_features(models, erase), text_features(models, [guide]), text_features(models, ["a car"])
+    projections = cross_attention_projections(models.unet)
+    expected = {n: uce_weight(m.weight.detach().clone(), c_erase, c_guide.expand(len(erase), -1), c_keep, UceSettings())
+                for n, m in projections.items()}
+
+    edited = uce_edit(models, concepts, concept_type, ["a car"], None, UceSettings(expand=True))
+    for name in projections:
+        assert torch.allclose(edited[f"{name}.weight"], expected[name], atol=1e-6), name
+
+
 def test_uce_registers_as_a_method_plugin():
     from recare_cli.plugins import registry
 
@@ -205,6 +227,23 @@ def test_uce_run_directory_works_with_generate_and_export(run_cli, request, tmp_
     exported = run_cli("export", out, "--format", "unet", "--output", tmp_path / "unet.safetensors", "--json")
     assert exported.exit_code == 0, exported.stderr
     assert json.loads(exported.stdout.splitlines()[-1])["max_abs_diff"] == 0.0
+
+
+def test_uce_flags_reach_the_edit(run_cli, tmp_path, monkeypatch):
+    import recare_cli.erase.uce as uce
+
+    seen = {}
+
+    def recording_edit(models, concepts, concept_type, preserve, guide, settings):
+        seen.update(concepts=concepts, concept_type=concept_type, preserve=preserve, guide=guide, settings=settings)
+        return {}
+
+    monkeypatch.setattr(uce, "uce_edit", recording_edit)
+    result = run_cli(*_uce_args(tmp_path / "run", "--uce-erase-scale", "2", "--uce-preserve-scale", "3", "--uce-lamb", "0.7",
+                                "--uce-expand", "--preserve", "man", "--preserve", "man", "--guide", "a tree"))
+    assert result.exit_code == 0, result.stderr
+    assert seen == {"concepts": ["nudity"], "concept_type": "object", "preserve": ["man"], "guide": "a tree",
+                    "settings": uce.UceSettings(erase_scale=2.0, preserve_scale=3.0, lamb=0.7, expand=True)}
 
 
 @pytest.mark.parametrize("model", [m for m, _ in UCE_MODELS])

@@ -1,0 +1,186 @@
+"""The sweep behind ReCARE's toy defaults, with night in the CARE set (a benchmark, not a test).
+
+For both ReCARE variants (exact, `--prefix-steps 10`) and three training seeds, the robust stage's
+learning rate (1e-4, 2e-4) times its iterations (100, 200, 300: the periodic checkpoints of one
+300-iteration run) is measured as bench/toy_frontier.py measures (its prompts, its summary, its
+goals), with more images per prompt. Stage 1, the inversions, the images and the CARE set of a
+seed are trained once (the frontier's default runs where they exist) and shared by its robust
+runs, as in bench/toy_lr_sweep.py. Everything is kept under --runs and reused, so it resumes:
+
+    python bench/toy_defaults_sweep.py --phase train            # one process: the runs in order
+    python bench/toy_defaults_sweep.py --phase measure --until 15:10   # beside it: measures what is trained
+    python bench/toy_defaults_sweep.py --phase report           # per setting: every seed, and the goals
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import toy_frontier as tf  # bench/, the script's own folder
+
+VARIANTS = {"p10": {"method": "recare", "prefix_steps": 10}, "exact": {"method": "recare"}}
+SEEDS = (42, 43, 44)
+LRS = (1e-4, 2e-4)
+CHECKPOINTS = (100, 200, 300)
+DEFAULT_LR = 1e-4
+
+
+def base_run(variant: str, seed: int) -> str:
+    return f"recare-{variant}-s{seed}"
+
+
+def robust_run(variant: str, seed: int, lr: float) -> str:
+    """The run holding this setting's robust checkpoints (the seed's own run at the default rate, when it has them)."""
+    if lr == DEFAULT_LR and seed != 43:  # the frontier's s42 runs and the new s44 ones keep their robust snapshots
+        return base_run(variant, seed)
+    return f"sweep-{variant}-s{seed}-lr{lr:g}"
+
+
+def train_all(runs: Path, reporter) -> None:
+    # Cheapest first: the robust-only runs of the seeds already trained, then the new seed.
+    for seed in SEEDS:
+        for variant, settings in VARIANTS.items():
+            tf.train(base_run(variant, seed), settings | {"seed": seed}, runs, reporter, snapshot_stage="robust")
+            for lr in LRS:
+                name = robust_run(variant, seed, lr)
+                if name != base_run(variant, seed):
+                    tf.train(name, {}, runs, reporter, snapshot_stage="robust", robust_from=base_run(variant, seed), robust_lr=lr)
+
+
+def models(runs: Path) -> list[dict]:
+    """Every setting's model, in the order they are measured: defaults (300 it., 1e-4) first."""
+    out = [{"name": "base", "run": None}]
+    order = sorted(((v, s, lr, it) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS),
+                   key=lambda k: (k[2] != DEFAULT_LR or k[3] != 300, k[1], k[2], -k[3]))
+    for variant, seed, lr, it in order:
+        run = runs / robust_run(variant, seed, lr)
+        out.append({"name": f"{variant}-s{seed}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr,
+                    "iterations": it, "run": run, "tokens": runs / base_run(variant, seed),
+                    "snapshot": None if it == 300 else run / "snapshots" / f"robust-{it}.safetensors"})
+    return out
+
+
+def measure_all(args, reporter) -> None:
+    import datetime
+
+    import torch
+
+    from recare_cli.models import Runtime
+    from recare_cli.toy.package import load_classifier
+
+    pipe, _, _ = Runtime("toy", device="cpu").pipeline()
+    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    classifier = load_classifier()
+    out = args.runs / "sweep-measurements"
+    out.mkdir(exist_ok=True)
+    frequencies = tf.context_frequencies(tf.CONCEPT)
+    while True:
+        if args.until and datetime.datetime.utcnow().strftime("%H:%M") >= args.until:
+            return
+        ready = [m for m in models(args.runs) if tf.available(m)]
+        model = next((m for m in ready if tf.claim(out, m["name"])), None)
+        if model is None:
+            if args.until is None:
+                return
+            time.sleep(60)
+            continue
+        reporter.info(f"measure {model['name']}")
+        started = time.perf_counter()
+        # Each seed's own CARE set decides which words count as CARE concepts for its models.
+        care = tf.care_words_of(model["tokens"]) if model["run"] else tf.care_words(args.runs)
+        pipe.unet.load_state_dict(tf.unet_state(model, base_state))
+        tokens_file = Path(model.get("tokens") or args.runs / base_run("p10", 42)) / "tokens.safetensors"
+        tokens = tf.set_tokens(pipe, tokens_file)
+        torch.manual_seed(0)
+        entry = tf.measure(pipe, classifier, tf.plan_prompts(tf.CONCEPT, care, frequencies), tokens,
+                           args.samples, args.steps, args.guidance)
+        entry |= {"model": {k: str(v) if isinstance(v, Path) else v for k, v in model.items()}, "care": care,
+                  "measure_seconds": round(time.perf_counter() - started, 1),
+                  "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
+        (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def goals(point: dict) -> dict[str, bool]:
+    """Issue #19's goals for one model (each kept figure: [sum over base, lowest prompt])."""
+    care, unrelated, night = point["care_kept"], point["unrelated_kept"], point["night_with_target"]
+    night_own = point["night_without_target"]
+    return {
+        "target <= 10% (common and rare)": tf.target(point) <= 10.0,
+        "CARE >= 80% every prompt, mean >= 90%": care is not None and care[1] >= 80.0 and care[0] >= 90.0,
+        "others >= 70% every prompt, mean >= 90%": unrelated is not None and unrelated[1] >= 70.0 and unrelated[0] >= 90.0,
+        "night >= 80% every prompt": all(v is None or v[1] >= 80.0 for v in (night, night_own)),
+    }
+
+
+def report(args) -> str:
+    out = args.runs / "sweep-measurements"
+    entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
+               for m in models(args.runs) if (out / f"{m['name']}.json").is_file()}
+    base = entries.pop("base")[1]
+    rows = {}
+    for name, (model, entry) in entries.items():
+        point = tf.summarise(entry, base, entry["care"])
+        rows.setdefault((model["variant"], model["lr"], model["iterations"]), []).append((model["seed"], point))
+
+    def pair(v):
+        return "–" if v is None else f"{v[0]:.0f}% ({v[1]:.0f}%)"
+
+    lines = [f"{args.samples} images per prompt, {args.steps} DDIM steps, guidance {args.guidance}. "
+             "Kept: sum of rates over the base's (lowest single prompt). Goals met: of the four goals of "
+             "docs/frontier.md, per seed.", "",
+             "| variant | stage-2 lr | robust it. | seed | target common | target rare | CARE kept | unrelated kept | "
+             "night (own) | night (with star) | goals met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for (variant, lr, it), points in sorted(rows.items()):
+        met_all = 0
+        for seed, p in sorted(points):
+            met = goals(p)
+            met_all += all(met.values())
+            label = "**" if (lr == DEFAULT_LR and it == 300) else ""
+            lines.append(f"| {variant} | {label}{lr:g}{label} | {label}{it}{label} | {seed} | {p['target_common']:.0f}% | "
+                         f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['unrelated_kept'])} | "
+                         f"{pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
+                         f"{sum(met.values())}/4 |")
+        mean = {k: sum(p[k][0] if isinstance(p[k], list) else p[k] for _, p in points) / len(points)
+                for k in ("target_common", "target_rare", "care_kept", "unrelated_kept")}
+        summary.append(f"| {variant} | {lr:g} | {it} | {len(points)} | {mean['target_common']:.0f}% | {mean['target_rare']:.0f}% | "
+                       f"{mean['care_kept']:.0f}% | {mean['unrelated_kept']:.0f}% | {met_all} of {len(points)} |")
+    lines += ["", "Means over the seeds measured:", "",
+              "| variant | stage-2 lr | robust it. | seeds | target common | target rare | CARE kept | unrelated kept | "
+              "seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|"] + summary
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=Path("bench-runs/frontier"), help="erase runs (the frontier's are reused)")
+    parser.add_argument("--phase", choices=("train", "measure", "report"), required=True)
+    parser.add_argument("--samples", type=int, default=8, help="images per prompt (the frontier: 4)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from recare_cli.output import HUMAN, Reporter
+
+    torch.set_num_threads(1)
+    reporter = Reporter(HUMAN)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if args.phase == "train":
+        train_all(args.runs, reporter)
+    if args.phase == "measure":
+        measure_all(args, reporter)
+    if args.phase == "report":
+        print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
