@@ -177,6 +177,33 @@ def test_a_torn_loss_log_line_is_dropped_on_resume(run_cli, inputs, momentum_ref
     assert same_tensors(load(out / "unet.safetensors"), momentum_reference)
 
 
+ESD_ARGS = ["erase", "--concept", "nudity", "--model", "tiny-random", "--device", "cpu", "--resolution", "64",
+            "--method", "esd", "--iterations", "3", "--prefix-steps", "2", "--checkpoint-every", "1"]
+
+
+def test_an_interrupted_esd_run_resumes_bit_for_bit(run_cli, tmp_path, monkeypatch):
+    """ESD's one stage resumes its weights and its Adam moments from the checkpoint."""
+    from recare_cli.erase import loop
+
+    reference = tmp_path / "whole"
+    assert run_cli(*ESD_ARGS, "--output-dir", reference).exit_code == 0
+    out = tmp_path / "run"
+    real = loop.StageLoop.step_done
+
+    def interrupt(self, step, **losses):
+        real(self, step, **losses)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.StageLoop, "step_done", interrupt)
+    assert run_cli(*ESD_ARGS, "--output-dir", out).exit_code == 130
+    monkeypatch.setattr(loop.StageLoop, "step_done", real)
+    result = run_cli(*ESD_ARGS, "--output-dir", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {"event": "resume", "stage": "esd", "step": 2} in [json.loads(x) for x in result.stdout.splitlines()]
+    assert same_tensors(load(out / "unet.safetensors"), load(reference / "unet.safetensors"))
+
+
 SLOW_STEPS = """
 import sys, time
 from recare_cli.erase import loop
