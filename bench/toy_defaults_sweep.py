@@ -83,7 +83,8 @@ def measure_all(args, reporter) -> None:
     while True:
         if args.until and datetime.datetime.utcnow().strftime("%H:%M") >= args.until:
             return
-        ready = [m for m in models(args.runs) if tf.available(m)]
+        # A snapshot exists mid-run; its tokens and CARE set only once the seed's own run is complete.
+        ready = [m for m in models(args.runs) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
             if args.until is None:

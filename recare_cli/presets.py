@@ -32,7 +32,7 @@ PRESETS = {
 # Erase settings a built-in model needs instead of the spec's, which are tuned for Stable
 # Diffusion's weights and 512-px images; flags typed or set in the config file still win.
 # The toy model's were found by measurement (bench/toy_quality.py, bench/toy_lr_sweep.py,
-# docs/benchmarks.md).
+# bench/toy_defaults_sweep.py; docs/benchmarks.md, docs/frontier.md).
 TOY_WORDS = Path(__file__).resolve().parent / "data" / "toy" / "words.txt"
 MODEL_DEFAULTS: dict[str, dict] = {
     "toy": {"resolution": 32, "num_images": 64, "iterations": 300, "stage1_lr": 3e-4, "stage2_lr": 1e-4,
