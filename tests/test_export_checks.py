@@ -126,3 +126,42 @@ def test_the_weight_check_names_what_is_missing_unexpected_or_changed():
     assert "1 changed, e.g. c.bias" in nudged
     everything = failure({"a.weight": torch.ones(2, 3), "d.weight": torch.zeros(1), "e.weight": torch.zeros(1)})
     assert "2 missing, 2 unexpected, 1 changed, e.g. b.weight, c.bias, d.weight);" in everything  # three, no more
+
+
+@pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_xl_pipe"])
+def test_the_probe_is_a_fixed_fp32_prediction_that_sees_every_unet_input(request, pipe_fixture):
+    """The probe is what exports are compared by: the same UNet gives the same probe in any dtype
+    (up to rounding), a changed weight changes it, and SDXL's pooled embedding and time ids reach it."""
+    import copy
+
+    from recare_cli.export.check import PROBE_MAX_SIZE, unet_probe
+
+    unet = copy.deepcopy(request.getfixturevalue(pipe_fixture).unet)
+    probe = unet_probe(unet)
+    side = min(unet.config.sample_size, PROBE_MAX_SIZE)
+    assert probe.dtype == torch.float32 and probe.shape == (1, unet.config.out_channels, side, side)
+    assert torch.equal(unet_probe(unet), probe)  # fixed inputs: the same UNet, the same probe
+    assert (unet_probe(copy.deepcopy(unet).to(torch.bfloat16)) - probe).abs().max() < 0.25  # upcast, then compared
+    with torch.no_grad():
+        unet.conv_out.bias += 1e-3
+    assert not torch.equal(unet_probe(unet), probe)
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the added conditioning is part of the probe
+        seen = {}
+        unet.register_forward_pre_hook(lambda m, a, k: seen.update(k["added_cond_kwargs"]), with_kwargs=True)
+        unet_probe(unet)
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        assert seen["text_embeds"].shape == (1, pooled)
+        assert seen["time_ids"].tolist() == [[8.0 * side, 8.0 * side, 0.0, 0.0, 8.0 * side, 8.0 * side]]
+
+
+def test_export_loads_back_each_component_in_the_written_dtype(tiny_pipe, tiny_xl_pipe):
+    from recare_cli.export.check import _components, _load_kwargs
+
+    assert _components(tiny_pipe) == ("vae", "text_encoder", "unet")
+    assert _components(tiny_xl_pipe) == ("vae", "text_encoder", "text_encoder_2", "unet")
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        assert _load_kwargs(name, tiny_pipe) == {"torch_dtype": dtype, "local_files_only": True,
+                                                 "safety_checker": None, "requires_safety_checker": False}
+    # an SD pipeline exported with its safety checker loads it back; SDXL has none to switch off
+    assert _load_kwargs("fp16", tiny_pipe, safety_checker=True) == {"torch_dtype": torch.float16, "local_files_only": True}
+    assert _load_kwargs("bf16", tiny_xl_pipe) == {"torch_dtype": torch.bfloat16, "local_files_only": True}
