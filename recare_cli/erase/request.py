@@ -30,15 +30,18 @@ NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command
               "gradient_checkpointing")
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
-RECARE_ONLY = ("concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
+RECARE_ONLY = ("stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
                "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "care_min_cluster_size", "num_images",
                "center_crop", "clip_model", "clip_pretrained")
+# ESD trains on the prompts alone; the concept's type picks ReCARE's CARE-set prompts and UCE's guide and templates.
+NOT_ESD = RECARE_ONLY + ("concept_type",)
 UCE_ONLY = ("preserve", "guide", "uce_erase_scale", "uce_preserve_scale", "uce_lamb", "uce_expand")
 # What a UCE edit never reads (it trains nothing); the CARE set's inputs count only with --preserve careset.
 NOT_UCE = ("train_method", "iterations", "negative_guidance", "stage1_lr", "stage2_lr", "ti_lr", "ti_steps",
            "rounds", "num_adv_concepts", "compositional_guidance_scale", "initializer_token", "center_crop",
-           "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum", "erase_from", "resolution")
-CARESET_INPUTS = ("care_top_k", "care_top_n", "care_min_cluster_size", "num_images", "clip_model", "clip_pretrained", "resolution")
+           "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum", "erase_from", "resolution", "seed")
+CARESET_INPUTS = ("care_top_k", "care_top_n", "care_min_cluster_size", "num_images", "clip_model", "clip_pretrained", "resolution",
+                  "seed")
 
 
 @dataclass
@@ -190,7 +193,7 @@ def parameters(request: EraseRequest) -> dict:
 def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> str:
     ignored = NOT_HASHED
     if request.method == "esd":
-        ignored += RECARE_ONLY
+        ignored += NOT_ESD
     if request.method == "uce":
         ignored += tuple(f for f in NOT_UCE + RECARE_ONLY if not (uses_careset(request) and f in CARESET_INPUTS))
     else:
