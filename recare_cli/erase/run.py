@@ -174,6 +174,7 @@ def _run_dir(request: EraseRequest, concepts: list[str], digest: str) -> Path:
 
 def planned_run_dir(request: EraseRequest, runtime: Runtime) -> Path:
     """The run directory run_erase will write `request`'s run to (reads the inputs to hash them)."""
+    request = with_method_defaults(request)  # as run_erase hashes it: an unset rate and its default are one run
     concepts = [p.concept for p in check_request(request)]
     return _run_dir(request, concepts, run_hash(request, runtime.resolve().describe(), runtime.dtype,
                                                 input_hashes(request)))
