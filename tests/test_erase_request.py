@@ -8,7 +8,7 @@ requests, and the one-line error every mistake in it gets.
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import pytest
@@ -229,3 +229,19 @@ def test_each_concept_is_erased_from_its_own_prompt():
     assert erase_from_prompts(two) == ["tench", "church"]
     assert erase_from_prompts(replace(two, erase_from=["a photo"])) == ["a photo", "a photo"]
     assert erase_from_prompts(replace(two, erase_from=["fish", "building"])) == ["fish", "building"]
+
+
+def test_a_library_request_has_the_cli_defaults():
+    # bench scripts and plugins build EraseRequest directly: left at its defaults, it is the run `recare erase` makes
+    import typer.main
+
+    from recare_cli.cli import app
+
+    erase = typer.main.get_command(app).commands["erase"]
+    cli_defaults = {param.name: param.default for param in erase.params}
+    for spec in fields(EraseRequest):
+        if spec.name in ("concepts", "command"):
+            continue
+        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+        cli_default = cli_defaults[spec.name]
+        assert (cli_default if cli_default is not None or default != [] else []) == default, spec.name

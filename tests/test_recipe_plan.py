@@ -217,7 +217,7 @@ def plugin_method(monkeypatch, tmp_path):
     return ran
 
 
-def run_plugin(tmp_path, names: list[str], mode=JSON):
+def run_plugin(tmp_path, names: list, mode=JSON):
     recipe = parse_recipe({"method": "echo", "concept": [{"concept": n} for n in names]}, tmp_path / "r.toml")
     entries = plan_entries(recipe, EraseRequest(concepts=[]), Runtime(model="tiny-random", device="cpu"), set())
     out, err = io.StringIO(), io.StringIO()
@@ -273,18 +273,20 @@ def test_ctrl_c_stops_the_whole_recipe(tmp_path, plugin_method):
     assert plugin_method == [["done"], ["fail-ctrl-c"]]
 
 
-def test_human_mode_prints_a_line_per_entry_and_one_table(tmp_path, plugin_method):
-    _, _, out, _ = run_plugin(tmp_path, ["done", "reused", "fail-bug"], mode=HUMAN)
+def test_human_mode_prints_a_line_per_entry_and_one_table(tmp_path, plugin_method, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one table row a line, however long tmp_path is
+    _, _, out, _ = run_plugin(tmp_path, [["done", "too"], "reused", "fail-bug"], mode=HUMAN)
     lines = out.splitlines()
-    assert lines[0].startswith("[1/3] done (echo): done in ") and lines[0].endswith(" s")
+    assert lines[0].startswith("[1/3] done, too (echo): done in ") and lines[0].endswith(" s")
     assert lines[1].startswith("[2/3] reused (echo): reused in ")
     assert lines[2].startswith("[3/3] fail-bug (echo): failed in ")
-    table = "\n".join(lines[3:])
-    for header in ("#", "concept", "method", "status", "run dir", "cache name", "seconds"):
-        assert header in table
-    failed_row = next(line for line in lines[3:] if "fail-bug" in line)
-    assert "failed" in failed_row and failed_row.count(" - ") == 2  # no run dir, no cache name
-    assert "done-1234" in table and "reused-1234" in table
+    cells = [[cell.strip() for cell in line.replace("\u2503", "\u2502").split("\u2502")[1:-1]]
+             for line in lines[3:] if "\u2502" in line or "\u2503" in line]
+    assert cells[0] == ["#", "concept", "method", "status", "run dir", "cache name", "seconds"]
+    assert cells[1][:6] == ["1", "done, too", "echo", "done", str(tmp_path / "done"), "done-1234"]
+    assert cells[2][:4] == ["2", "reused", "echo", "reused"]
+    assert cells[3][:6] == ["3", "fail-bug", "echo", "failed", "-", "-"]
+    assert all(float(row[6]) >= 0 for row in cells[1:])
 
 
 # sharing entries out under `accelerate launch` ---------------------------------------------------
@@ -306,7 +308,8 @@ def test_entries_that_would_write_one_run_directory_go_to_one_process(tmp_path):
     model.mkdir()
     (model / "model_index.json").write_text("{}")
     entries = [_entry(1, model), _entry(2, model, seed=7), _entry(3, model, seed=8),
-               _entry(4, model, negative_guidance=1.0), _entry(5, model, concepts=["a weird thing"])]
-    # #4 sets ESD's default eta: the same run as #1; #5 cannot be planned, so it goes by itself
-    assert share_out(entries, 2) == [[0, 3, 4], [1, 2]]
-    assert share_out(entries, 3) == [[0, 3], [1, 4], [2]]
+               _entry(4, model, negative_guidance=1.0), _entry(5, model, concepts=["a weird thing"]),
+               _entry(6, model, concepts=["another weird thing"])]
+    # #4 sets ESD's default eta: the same run as #1; #5 and #6 cannot be planned, so each goes by itself
+    assert share_out(entries, 2) == [[0, 3, 4], [1, 2, 5]]
+    assert share_out(entries, 3) == [[0, 3], [1, 4], [2, 5]]
