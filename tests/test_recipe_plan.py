@@ -251,8 +251,8 @@ def test_every_entry_runs_and_reports_one_row_and_a_summary(tmp_path, plugin_met
 
 
 def test_a_failed_entry_is_one_warning_and_the_rest_still_run(tmp_path, plugin_method):
-    outcomes, error, out, err = run_plugin(tmp_path, ["fail-usage", "done", "fail-bug"])
-    assert outcomes is None and plugin_method == [["fail-usage"], ["done"], ["fail-bug"]]
+    outcomes, error, out, err = run_plugin(tmp_path, [["fail-usage", "x"], "done", "fail-bug"])
+    assert outcomes is None and plugin_method == [["fail-usage", "x"], ["done"], ["fail-bug"]]
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "no images in the folder (pass --images)"
     assert (rows[0]["run_dir"], rows[0]["cache_name"], rows[0]["unet"], rows[0]["tokens"]) == (None, None, None, [])
@@ -260,10 +260,10 @@ def test_a_failed_entry_is_one_warning_and_the_rest_still_run(tmp_path, plugin_m
     assert rows[3] | {"seconds": 0} == {"recipe": str(tmp_path / "r.toml"), "entries": 3, "done": 1, "reused": 0,
                                         "failed": 2, "seconds": 0}
     warnings = err.splitlines()
-    assert warnings == ["Warning: [[concept]] #1 (fail-usage) failed: no images in the folder (pass --images); "
+    assert warnings == ["Warning: [[concept]] #1 (fail-usage, x) failed: no images in the folder (pass --images); "
                         "going on with the next",
                         "Warning: [[concept]] #3 (fail-bug) failed: unexpected ValueError: bad thing; going on with the next"]
-    assert type(error) is RecareError and error.message == "2 of 3 recipe entries failed: #1 (fail-usage), #3 (fail-bug)"
+    assert type(error) is RecareError and error.message == "2 of 3 recipe entries failed: #1 (fail-usage, x), #3 (fail-bug)"
     assert error.hint == "the others finished; fix those and rerun the recipe, which reuses finished runs"
 
 
