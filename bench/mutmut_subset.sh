@@ -20,8 +20,11 @@ preset() {
         guidance) mutate=(recare_cli/erase/guidance.py); tests=(tests/test_guidance.py) ;;  # no model loads
         erase-pure)  # the partial denoising and the trained weights, on the tiny-random model
             mutate=(recare_cli/erase/denoise.py recare_cli/erase/params.py); tests=(tests/test_erase_method.py) ;;
-        erase-request) mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
-            tests=(tests/test_recipe.py tests/test_integrity.py tests/test_erase_cli.py tests/test_careset.py) ;;
+        erase-request)  # the request, its run hash and the recipe file: no model trained
+            mutate=(recare_cli/erase/request.py recare_cli/erase/recipe.py)
+            tests=(tests/test_erase_request.py tests/test_recipe_plan.py tests/test_recipe.py::test_a_name_list_is_one_run
+                   tests/test_recipe.py::test_erase_from_is_a_name_or_a_list_of_names
+                   tests/test_baselines.py::test_method_defaults_are_each_methods_own_and_typed_flags_win) ;;
         erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
         erase-stages)  # one short run each: what reaches the stages, resume, interruption
             mutate=(recare_cli/erase/context.py recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,9 @@ def plugin_method(monkeypatch, tmp_path):
     def run(request, runtime, reporter):
         ran.append(request.concepts)
         name = request.concepts[0]
+        reporter.event("echo", concept=name, device=runtime.device)
+        if name == "slow":
+            time.sleep(0.02)
         if name == "fail-usage":
             raise UsageError("no images in\n  the folder", hint="pass --images")
         if name == "fail-bug":
@@ -231,15 +235,27 @@ def run_plugin(tmp_path, names: list, mode=JSON):
     return outcomes, error, out.getvalue(), err.getvalue()
 
 
+def results(out: str) -> list[dict]:
+    """The JSON result lines; the method's own events (one per entry it ran) are checked apart."""
+    lines = [json.loads(line) for line in out.splitlines()]
+    return [line for line in lines if "event" not in line]
+
+
 def test_a_plugin_methods_entries_are_not_checked_by_recares_rules(tmp_path, plugin_method):
     entries = plan(tmp_path, {"method": "echo", "rounds": 0, "concept": [{"concept": "a weird thing"}]})
     assert entries[0].request.rounds == 0
 
 
 def test_every_entry_runs_and_reports_one_row_and_a_summary(tmp_path, plugin_method):
+    started = time.perf_counter()
     outcomes, error, out, err = run_plugin(tmp_path, ["done", "reused", "nothing"])
+    elapsed = time.perf_counter() - started
     assert error is None and err == "" and plugin_method == [["done"], ["reused"], ["nothing"]]
-    rows = [json.loads(line) for line in out.splitlines()]
+    # each entry runs with its own runtime and reports through the recipe's reporter
+    assert [json.loads(line) for line in out.splitlines() if '"event"' in line] == [
+        {"event": "echo", "concept": name, "device": "cpu"} for name in ("done", "reused", "nothing")]
+    rows = results(out)
+    assert all(type(r["seconds"]) is float and 0 <= r["seconds"] <= elapsed for r in rows)
     assert rows[0] == {"entry": 1, "concepts": ["done"], "method": "echo", "status": "done",
                        "run_dir": str(tmp_path / "done"), "cache_name": "done-1234",
                        "unet": str(tmp_path / "done" / "unet.safetensors"), "tokens": ["<x>"],
@@ -253,7 +269,7 @@ def test_every_entry_runs_and_reports_one_row_and_a_summary(tmp_path, plugin_met
 def test_a_failed_entry_is_one_warning_and_the_rest_still_run(tmp_path, plugin_method):
     outcomes, error, out, err = run_plugin(tmp_path, [["fail-usage", "x"], "done", "fail-bug"])
     assert outcomes is None and plugin_method == [["fail-usage", "x"], ["done"], ["fail-bug"]]
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = results(out)
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "no images in the folder (pass --images)"
     assert (rows[0]["run_dir"], rows[0]["cache_name"], rows[0]["unet"], rows[0]["tokens"]) == (None, None, None, [])
     assert rows[2]["error"] == "unexpected ValueError: bad thing"
@@ -265,6 +281,16 @@ def test_a_failed_entry_is_one_warning_and_the_rest_still_run(tmp_path, plugin_m
                         "Warning: [[concept]] #3 (fail-bug) failed: unexpected ValueError: bad thing; going on with the next"]
     assert type(error) is RecareError and error.message == "2 of 3 recipe entries failed: #1 (fail-usage, x), #3 (fail-bug)"
     assert error.hint == "the others finished; fix those and rerun the recipe, which reuses finished runs"
+
+
+def test_each_entry_is_timed_and_the_summary_adds_them_up(tmp_path, plugin_method):
+    started = time.perf_counter()
+    _, _, out, _ = run_plugin(tmp_path, ["slow", "done", "slow-too"])
+    elapsed = time.perf_counter() - started
+    rows = results(out)
+    seconds = [r["seconds"] for r in rows[:3]]
+    assert 0.02 <= seconds[0] <= elapsed and sum(seconds) <= elapsed
+    assert type(rows[3]["seconds"]) is float and rows[3]["seconds"] == round(sum(seconds), 3)
 
 
 def test_ctrl_c_stops_the_whole_recipe(tmp_path, plugin_method):
