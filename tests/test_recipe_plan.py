@@ -121,6 +121,8 @@ def test_a_value_of_the_wrong_type_says_what_it_must_be(tmp_path, key, value, wo
 
 def test_values_are_converted_to_what_the_request_holds(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    top = parse_recipe({"careset": "top.json", "concept": [{"concept": "a"}]}, tmp_path / "r.toml").defaults
+    assert top == {"careset": tmp_path / "top.json"}
     entry = one_entry(tmp_path, negative_guidance=2, apg_eta=0.5, clip_model="ViT-B-16", images="imgs",
                       careset=str(tmp_path / "abs.json"), care_vocab="~/words.txt", center_crop=True)
     assert entry["negative_guidance"] == 2.0 and type(entry["negative_guidance"]) is float
@@ -155,6 +157,9 @@ def test_the_config_file_and_the_recipe_win_over_a_models_defaults(tmp_path):
     top, own = plan(tmp_path, {"method": "esd", "seed": 1, "iterations": 2,
                                "concept": [{"concept": "nudity"}, {"concept": "Van Gogh", "seed": 3}]}, typed, {"seed"})
     assert (top.request.seed, own.request.seed, top.request.iterations) == (5, 3, 2)
+    # a typed --device beats the recipe's top level too
+    (entry,) = plan(tmp_path, {"method": "esd", "device": "cuda", "concept": [{"concept": "nudity"}]}, explicit={"device"})
+    assert entry.runtime.device == "cpu"
     (plain,) = plan(tmp_path, {"model": "toy", "concept": [{"concept": "star"}]}, base)
     assert (plain.request.iterations, plain.request.resolution) == (300, 32)
     assert plain.label == "#1 (star)"
