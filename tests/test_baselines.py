@@ -52,9 +52,10 @@ def test_esd_trains_the_erase_from_prediction_towards_the_published_target(tiny_
     concept = "a photo of a cat"
     source = source or concept
     original_unet = copy.deepcopy(tiny_pipe.unet)
-    draws, regressions = [], []
+    draws, regressions, draw_settings = [], [], []
     draw = esd.draw_training_latent
-    monkeypatch.setattr(esd, "draw_training_latent", lambda *a, **k: draws.append(draw(*a, **k)) or draws[-1])
+    monkeypatch.setattr(esd, "draw_training_latent",
+                        lambda *a, **k: draw_settings.append(a[2:]) or draws.append(draw(*a, **k)) or draws[-1])
     mse = torch.nn.functional.mse_loss
     monkeypatch.setattr(torch.nn.functional, "mse_loss",
                         lambda pred, target: regressions.append((pred.detach(), target)) or mse(pred, target))
@@ -70,7 +71,8 @@ def test_esd_trains_the_erase_from_prediction_towards_the_published_target(tiny_
     eps_concept, eps_neutral, eps_source = (_unet_eps(original_unet, latents_k, t, embeds[p]) for p in (concept, "", source))
     # esd_diffusers.py: target = eps(erase_from) - eta (eps(concept) - eps('')), and eps('') when erase_from = concept
     expected = (eps_source if source != concept else eps_neutral) - eta * (eps_concept - eps_neutral)
-    assert torch.allclose(target, expected, atol=1e-5)
+    assert target.shape == expected.shape and torch.allclose(target, expected, atol=1e-5)  # allclose broadcasts
+    assert draw_settings == [(64, 1)]  # the partial denoising at the stage's resolution and prefix steps
     assert torch.allclose(eps_theta, _unet_eps(original_unet, latents_k, t, embeds[source]), atol=1e-5)
     # plain Adam (the published optimizer), not ReCARE's AdamW with weight decay
     assert type(loop.optimizer) is torch.optim.Adam and loop.optimizer.defaults["weight_decay"] == 0

@@ -420,3 +420,31 @@ def test_stage1_regresses_on_the_single_negative_target_of_the_stages_frozen_wei
         if step == 0:  # the trained prediction is the concept's, from the weights as they stand
             assert torch.allclose(eps_theta, eps[concept], atol=1e-5)
     assert type(loop.optimizer) is torch.optim.AdamW and loop.optimizer.defaults["lr"] == 3.5e-4
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_stage2_keeps_one_momentum_buffer_per_condition_when_asked(models, monkeypatch, momentum):
+    """--apg-momentum reaches stage 2: one buffer per erase concept and one for the anchor, the same
+    buffers at every step and in the checkpoint; none without momentum."""
+    import recare_cli.erase.stage2 as stage2
+    from recare_cli.erase.guidance import GuidanceKnobs, MomentumBuffer
+    from recare_cli.erase.params import select_trainable
+    from recare_cli.erase.stage1 import EraseSettings
+
+    seen = []
+    real = stage2.compositional_target
+    monkeypatch.setattr(stage2, "compositional_target",
+                        lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("buffers")) or real(*a, **k))
+    loop = _LossLoop()
+    resumed = []
+    loop.resume = lambda params, optimizer, buffers=None: resumed.append(buffers) or 0
+    settings = EraseSettings(iterations=2, lr=1e-4, resolution=64, prefix_steps=1, knobs=GuidanceKnobs(momentum=momentum))
+    stage2.robust_erase_stage(models, select_trainable(models.unet, "xattn"), ["a cat", "a dog"], ["a tree"],
+                              ["a photo of a tree"], settings, loop)
+    if momentum == 0:
+        assert seen == [None, None] and resumed == [None]
+        return
+    buffers = seen[0]
+    assert len(buffers) == 3 and all(isinstance(b, MomentumBuffer) and b.momentum == momentum for b in buffers)
+    assert seen[1] is buffers and resumed == [buffers]
+    assert all(b.running_average is not None for b in buffers)  # each condition's direction was accumulated
