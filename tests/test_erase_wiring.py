@@ -30,7 +30,7 @@ class Spy:
         self.calls: list[dict] = []
 
     def install(self, monkeypatch):
-        from recare_cli.erase import inversion, stage1, stage2
+        from recare_cli.erase import inversion, stage1, stage2, tracking
 
         real_erase, real_inversion, real_robust = stage1.erase_stage, inversion.inversion_stage, stage2.robust_erase_stage
 
@@ -54,6 +54,13 @@ class Spy:
             real_robust(models, trainable, erase_list, anchors, retains, settings, loop)
             self.calls[-1]["exit"] = _clone(trainable)
 
+        def make_tracker(*args):
+            self.tracker_args = args
+            self.tracker = real_tracker(*args)
+            return self.tracker
+
+        real_tracker = tracking.make_tracker
+        monkeypatch.setattr(tracking, "make_tracker", make_tracker)
         monkeypatch.setattr(stage1, "erase_stage", erase_stage)
         monkeypatch.setattr(inversion, "inversion_stage", inversion_stage)
         monkeypatch.setattr(stage2, "robust_erase_stage", robust_erase_stage)
@@ -63,6 +70,7 @@ class Spy:
         self.models = models
         self.calls.append({"kind": kind, "stage": loop.stage, "total": loop.total, "seed": loop.seed,
                            "checkpoint_every": loop.checkpoint_every, "run_dir": loop.run_dir,
+                           "reporter": loop.reporter, "task": loop.task, "tracker": loop.tracker,
                            "entry": _clone(trainable), **seen})
 
     def stage(self, name: str) -> dict:
@@ -81,13 +89,16 @@ def _request(inputs, out: Path, **changes):
     return EraseRequest(**{**given, **SETTINGS, **changes})
 
 
-def _run(request):
+def _run(request, spy=None):
     from recare_cli.erase.run import run_erase
     from recare_cli.models import Runtime
     from recare_cli.output import JSON, Reporter
 
     stdout = io.StringIO()
-    result = run_erase(request, Runtime("tiny-random", device="cpu"), Reporter(JSON, stdout=stdout))
+    reporter = Reporter(JSON, stdout=stdout)
+    if spy is not None:
+        spy.reporter = reporter
+    result = run_erase(request, Runtime("tiny-random", device="cpu"), reporter)
     return result, [json.loads(line) for line in stdout.getvalue().splitlines()]
 
 
@@ -99,7 +110,7 @@ def wired(tmp_path_factory, inputs):  # noqa: F811 - the imported fixture
     with pytest.MonkeyPatch.context() as monkeypatch:
         spy = Spy().install(monkeypatch)
         started = time.perf_counter()
-        result, events = _run(_request(inputs, out))
+        result, events = _run(_request(inputs, out), spy)
         spy.seconds = time.perf_counter() - started
     return out, spy, result, events
 
@@ -113,6 +124,7 @@ def _knobs():
 
 def test_each_stage_gets_its_own_settings(wired, tiny_pipe):
     from recare_cli.erase.inversion import InversionSettings
+    from recare_cli.presets import plan_concept
     from recare_cli.erase.params import select_trainable
     from recare_cli.erase.stage1 import EraseSettings
 
@@ -128,6 +140,10 @@ def test_each_stage_gets_its_own_settings(wired, tiny_pipe):
     for call in spy.calls:  # each stage's loop: its own name and length, the run's seed and checkpoints
         assert call["total"] == (2 if call["kind"] == "inversion" else 1)
         assert (call["seed"], call["checkpoint_every"], call["run_dir"]) == (7, 5, out)
+    # one tracker for the run, told the image prompt, resolution and seed; every loop reports to the run's reporter
+    assert spy.tracker_args[1:] == (out, spy.models, [plan_concept("nudity").image_prompt], 64, 7)
+    assert spy.tracker_args[0] is None  # no --report-to
+    assert all(c["tracker"] is spy.tracker and c["reporter"] is spy.reporter and c["task"] is not None for c in spy.calls)
     xattn = set(select_trainable(copy.deepcopy(tiny_pipe.unet), "xattn"))
     assert all(set(c["entry"]) == xattn for c in spy.calls if c["kind"] != "inversion")
 
@@ -273,8 +289,9 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
 
     monkeypatch.setattr(esd, "esd_stage", esd_stage)
     out = tmp_path / "run"
-    result, _ = _run(_request(inputs, out, method="esd", concepts=["nudity", "star"], images=None, careset=None,
-                              erase_from=["a photo", "a drawing"]))
+    request = _request(inputs, out, method="esd", concepts=["nudity", "star"], images=None, careset=None,
+                       erase_from=["a photo", "a drawing"])
+    result, _ = _run(request)
     ((trainable, concepts, erase_from, settings, loop),) = calls
     assert concepts == ["nudity", "star"] and erase_from == ["a photo", "a drawing"]
     assert settings == EsdSettings(iterations=1, lr=3e-5, eta=1.5, resolution=64, prefix_steps=2)
@@ -284,6 +301,12 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
     assert list(result.stages) == ["esd"]
     with safe_open(str(out / "unet.safetensors"), framework="pt") as handle:
         assert (handle.metadata()["concept"], handle.metadata()["method"]) == ("nudity, star", "esd")
+    assert result.cache_name == f"nudity-star-{json.loads((out / 'recare-run.json').read_text())['run_hash']}"
+
+    erased = load(out / "unet.safetensors")  # a rerun reuses the finished stage
+    again, events = _run(request)
+    assert len(calls) == 1 and [e["stage"] for e in events if e.get("event") == "stage_reused"] == ["esd"]
+    assert same_tensors(load(out / "unet.safetensors"), erased) and again.stages["esd"]["reused"] is True
 
 
 def test_stage_names_follow_the_method_and_the_missing_inputs():
@@ -335,6 +358,17 @@ def models(tiny_pipe):
         module.requires_grad_(True)
         module.train()
     return EraseModels.from_pipeline(pipe, "cpu")
+
+
+@pytest.mark.parametrize("dtype,autocast", [("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_models_load_in_fp32_and_dtype_only_picks_autocast(tiny_model, dtype, autocast):
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.models import Runtime
+
+    models = EraseModels.load(Runtime("tiny-random", device="cpu", dtype=dtype))
+    assert models.autocast_dtype == autocast and models.device == "cpu"
+    assert {p.dtype for p in models.unet.parameters()} == {p.dtype for p in models.text_encoder.parameters()} == {
+        torch.float32}
 
 
 def test_models_come_frozen_in_eval_mode_with_a_ddim_scheduler_and_a_forward_counter(models, tiny_pipe):
@@ -499,6 +533,18 @@ def test_add_token_writes_the_row_and_refuses_a_name_twice(models):
         add_token(models, "token_abcdefgh", row)
 
 
+def test_add_token_refuses_tokenizers_that_give_it_different_ids(models):
+    from recare_cli.erase.inversion import add_token
+    from recare_cli.errors import RecareError
+
+    models.text_encoder_2, models.tokenizer_2 = copy.deepcopy(models.text_encoder), copy.deepcopy(models.tokenizer)
+    models.tokenizer_2.add_tokens(["token_onlyhere"])  # the second vocabulary is one longer
+    width = models.text_encoder.get_input_embeddings().weight.shape[1]
+    first = len(models.tokenizer)
+    with pytest.raises(RecareError, match=rf"token 'token_abcdefgh' got different ids .*\[{first}, {first + 1}\]"):
+        add_token(models, "token_abcdefgh", torch.zeros(2 * width))
+
+
 def test_round_subset_takes_consecutive_chunks_and_wraps():
     from recare_cli.erase.inversion import round_subset
 
@@ -640,3 +686,33 @@ class _OptimizerLoop:
 
     def step_done(self, step, **losses):
         pass
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, "interrupted"), ("Interrupted", "interrupted"),
+                                         (RuntimeError, "failed")])
+def test_a_stopped_run_is_recorded_as_interrupted_or_failed(inputs, tmp_path, monkeypatch, stop, status):  # noqa: F811
+    from recare_cli import errors
+    from recare_cli.erase import stage1
+
+    exception = getattr(errors, stop) if isinstance(stop, str) else stop
+
+    def erase_stage(*args, **kwargs):
+        raise exception("stop")
+
+    monkeypatch.setattr(stage1, "erase_stage", erase_stage)
+    out = tmp_path / "run"
+    with pytest.raises(exception):
+        _run(_request(inputs, out))
+    manifest = json.loads((out / "recare-run.json").read_text())
+    assert manifest["status"] == status and not (out / "unet.safetensors").exists()
+
+
+def test_a_run_without_output_dir_goes_under_runs_named_by_concepts_method_and_hash(inputs):  # noqa: F811
+    from recare_cli.erase.request import input_hashes, run_hash
+    from recare_cli.erase.run import planned_run_dir
+    from recare_cli.models import Runtime
+
+    runtime = Runtime("tiny-random", device="cpu")
+    request = _request(inputs, None, method="esd", concepts=["nudity", "star"], images=None, careset=None)
+    digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
+    assert planned_run_dir(request, runtime) == Path("runs") / f"nudity-star-esd-{digest}"
