@@ -217,6 +217,7 @@ def test_outputs_hold_the_final_weights_the_learned_tokens_and_the_record(wired,
     assert manifest["status"] == "complete" and manifest["cache_name"] == result.cache_name
     assert manifest["outputs"] == sorted(manifest["outputs"]) and ".keep" not in manifest["outputs"]
     assert {"unet.safetensors", "tokens.safetensors", "careset.json", "stages", "losses.jsonl"} <= set(manifest["outputs"])
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(f"{c['stage']}.safetensors" for c in spy.calls)
     assert manifest["seeds"] == {"python": 7, "numpy": 7, "torch": 7, "images": 7}
     assert manifest["concepts"] == ["nudity"] and manifest["type"] == plan_concept("nudity").concept_type and manifest["dtype"] == "auto"
     entry = json.loads((erased_dir(cache_dir, result.cache_name) / "entry.json").read_text())
@@ -298,7 +299,7 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
     assert loop == ("esd", 1, 7, 5)
     assert trainable and all(".attn2." in k for k in trainable)  # --train-method xattn
     assert result.tokens == [] and not (out / "tokens.safetensors").exists()
-    assert list(result.stages) == ["esd"]
+    assert list(result.stages) == ["esd"] and [p.name for p in (out / "stages").iterdir()] == ["esd.safetensors"]
     with safe_open(str(out / "unet.safetensors"), framework="pt") as handle:
         assert (handle.metadata()["concept"], handle.metadata()["method"]) == ("nudity, star", "esd")
     assert result.cache_name == f"nudity-star-{json.loads((out / 'recare-run.json').read_text())['run_hash']}"
