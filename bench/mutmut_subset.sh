@@ -30,9 +30,12 @@ preset() {
             mutate=(recare_cli/erase/context.py recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
                     recare_cli/erase/loop.py recare_cli/erase/tracking.py)
             tests=(tests/test_erase_method.py tests/test_erase_stages.py tests/test_resume.py) ;;
+        erase-wiring)  # what reaches each stage, reuse and outputs; the models' calls and the inversion's pieces
+            mutate=(recare_cli/erase/run.py recare_cli/erase/context.py recare_cli/erase/inversion.py)
+            tests=(tests/test_erase_wiring.py tests/test_erase_context_inversion.py tests/test_erase_method.py) ;;
         erase-run) mutate=(recare_cli/erase/run.py recare_cli/erase/inputs.py)
             tests=(tests/test_erase_stages.py tests/test_erase_cli.py tests/test_resume.py) ;;
-        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-run)" >&2
+        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-wiring, erase-run)" >&2
            exit 2 ;;
     esac
 }
