@@ -97,12 +97,13 @@ def test_eps_with_weights_uses_them_for_this_call_only(models):
     assert all(p.dtype == torch.float32 and torch.equal(p, frozen[k]) for k, p in trainable.items())
 
 
-def test_eps_under_autocast_computes_in_bf16_and_answers_in_fp32(models):
-    models.autocast_dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eps_under_autocast_computes_in_its_dtype_and_answers_in_fp32(models, dtype):
+    models.autocast_dtype = dtype
     seen = []
     models.unet.conv_in.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     out = models.eps(torch.randn(1, 4, 8, 8), 500, models.embed(["a cat"]))
-    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert seen == [dtype] and out.dtype == torch.float32
     with models.vae_autocast():  # the VAE's config asks for float32
         assert not torch.is_autocast_enabled("cpu")
 
@@ -284,6 +285,19 @@ def test_epoch_order_shows_every_image_once_per_epoch():
     assert epoch_order(1, 0, 9) == orders[(1, 0)]
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_inversion_regresses_on_what_the_scheduler_was_trained_to_predict(prediction_type):
+    from diffusers import DDIMScheduler
+
+    from recare_cli.erase.inversion import training_target
+
+    scheduler = DDIMScheduler(prediction_type=prediction_type)
+    latents_0, noise, timesteps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([300])
+    expected = {"epsilon": noise, "sample": latents_0,
+                "v_prediction": scheduler.get_velocity(latents_0, noise, timesteps)}[prediction_type]
+    assert torch.equal(training_target(scheduler, latents_0, noise, timesteps), expected)
+
+
 def test_each_inversion_step_sees_one_image_a_flip_a_template_and_a_timestep(models, tmp_path, monkeypatch):
     from recare_cli.erase import inversion
     from recare_cli.erase.inversion import InversionSettings, add_token, initializer_id, inversion_stage
@@ -331,6 +345,7 @@ def test_each_inversion_step_sees_one_image_a_flip_a_template_and_a_timestep(mod
                                                         seen["randn"][1::2], strict=True):
         mean, std = cache.distribution(index, flip)
         assert torch.allclose(x0, (mean + std * sample) * models.vae_scale) and noise is fresh
+    assert loop.steps == [(step, ["loss"], 0) for step in range(steps)]  # each step's loss reported
     # AdamW at the settings' rate on the token row alone, which ends written into the text encoder
     assert type(loop.optimizer) is torch.optim.AdamW and loop.optimizer.defaults["lr"] == 7e-3
     (row,) = loop.optimizer.param_groups[0]["params"]
@@ -348,4 +363,4 @@ class _OptimizerLoop:
         return 0
 
     def step_done(self, step, **losses):
-        pass
+        self.steps = getattr(self, "steps", []) + [(step, sorted(losses), losses["loss"].dim())]
