@@ -110,7 +110,7 @@ def wired(tmp_path_factory, inputs):  # noqa: F811 - the imported fixture
     with pytest.MonkeyPatch.context() as monkeypatch:
         spy = Spy().install(monkeypatch)
         started = time.perf_counter()
-        result, events = _run(_request(inputs, out), spy)
+        result, events = _run(_request(inputs, out, command="recare erase --concept nudity"), spy)
         spy.seconds = time.perf_counter() - started
     return out, spy, result, events
 
@@ -219,6 +219,7 @@ def test_outputs_hold_the_final_weights_the_learned_tokens_and_the_record(wired,
     assert {"unet.safetensors", "tokens.safetensors", "careset.json", "stages", "losses.jsonl"} <= set(manifest["outputs"])
     assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(f"{c['stage']}.safetensors" for c in spy.calls)
     assert manifest["seeds"] == {"python": 7, "numpy": 7, "torch": 7, "images": 7}
+    assert manifest["command"] == "recare erase --concept nudity" and manifest["method"] == "recare"
     assert manifest["concepts"] == ["nudity"] and manifest["type"] == plan_concept("nudity").concept_type and manifest["dtype"] == "auto"
     entry = json.loads((erased_dir(cache_dir, result.cache_name) / "entry.json").read_text())
     assert entry["run_dir"] == str(out.resolve()) and entry["tokens"] == tokens and entry["concepts"] == ["nudity"]
@@ -285,15 +286,16 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
 
     def esd_stage(models, trainable, concepts, erase_from, settings, loop):
         calls.append((list(trainable), list(concepts), list(erase_from), settings,
-                      (loop.stage, loop.total, loop.seed, loop.checkpoint_every)))
+                      (loop.stage, loop.total, loop.seed, loop.checkpoint_every), models.unet.is_gradient_checkpointing))
         return real(models, trainable, concepts, erase_from, settings, loop)
 
     monkeypatch.setattr(esd, "esd_stage", esd_stage)
     out = tmp_path / "run"
     request = _request(inputs, out, method="esd", concepts=["nudity", "star"], images=None, careset=None,
-                       erase_from=["a photo", "a drawing"])
+                       erase_from=["a photo", "a drawing"], gradient_checkpointing=True)
     result, _ = _run(request)
-    ((trainable, concepts, erase_from, settings, loop),) = calls
+    ((trainable, concepts, erase_from, settings, loop, checkpointing),) = calls
+    assert checkpointing is True  # --gradient-checkpointing reaches the UNet
     assert concepts == ["nudity", "star"] and erase_from == ["a photo", "a drawing"]
     assert settings == EsdSettings(iterations=1, lr=3e-5, eta=1.5, resolution=64, prefix_steps=2)
     assert loop == ("esd", 1, 7, 5)
