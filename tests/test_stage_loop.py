@@ -297,10 +297,11 @@ def test_resume_drops_the_interrupted_attempts_log_lines_and_keeps_the_rest(tmp_
     checkpoint_of(tmp_path, stage="erase-1")  # saved after step 1: resumes at 2
     other = [{"stage": "erase-0", "step": s, "loss": 1.0} for s in range(4)]
     mine = [{"stage": "erase-1", "step": s, "loss": 2.0} for s in range(4)]
-    write_log(tmp_path / loop.LOSS_LOG, [*other, *mine[:2], '{"stage": "erase-1", "st', *mine[2:]])
+    torn = '{"stage": "erase-1", "st'  # a kill mid-line; whatever follows it is kept or dropped on its own
+    write_log(tmp_path / loop.LOSS_LOG, [mine[0], torn, *other, *mine[1:]])
     assert StageLoop(tmp_path, "erase-1", 5, 1, 100).resume(*make_stage()) == 2
     kept = [json.loads(line) for line in (tmp_path / loop.LOSS_LOG).read_text().splitlines()]
-    assert kept == [*other, *mine[:2]]
+    assert kept == [mine[0], *other, mine[1]]
 
 
 def test_a_fresh_start_drops_all_of_its_stages_old_log_lines(tmp_path):
