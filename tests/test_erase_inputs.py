@@ -70,7 +70,8 @@ def test_a_careset_keyed_for_another_concept_is_named_in_a_warning(tmp_path):
     assert stderr.getvalue() == ""
     inputs.warn_foreign_careset(CareSet([], [], "cat"), ["nudity", "Van Gogh"], "c.json", reporter)
     warning = " ".join(stderr.getvalue().split())
-    assert "'c.json'" in warning and "'cat_care_word'" in warning and "'nudity_vangogh_care_word'" in warning
+    assert "'c.json'" in warning and "'cat_care_word'" in warning and "not for nudity, Van Gogh" in warning
+    assert "(expected 'nudity_vangogh_care_word')" in warning
 
 
 def test_the_clip_model_is_the_requested_one_or_the_base_models_own(tmp_path):
