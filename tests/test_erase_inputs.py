@@ -202,3 +202,14 @@ def test_a_rerun_fills_in_missing_images_and_keeps_the_stages_record(tmp_path, r
     assert len(recorded_generate) == 1 and recorded_generate[0][1] == folders["nudity"]
     assert events() == [{"event": "stage_reused", "stage": "images"}]
     assert saved[-1]["images"] == {"seconds": 12.5, "unet_images": 0, "reused": True}
+
+
+def test_the_careset_is_built_with_the_base_models_own_clip_unless_one_is_asked(tmp_path, recorded_build):
+    from recare_cli.clip import default_clip_model
+
+    calls, _ = recorded_build
+    stages, _, _ = json_stages()
+    with stages.outer():
+        inputs.build_careset_for(EraseRequest(concepts=["nudity"]), [plan_concept("nudity")], {"nudity": tmp_path},
+                                 tmp_path, Runtime("tiny-random", device="cpu"), stages, stages.reporter)
+    assert calls["clip"][0][0][0] == default_clip_model("tiny-random")
