@@ -25,17 +25,17 @@ preset() {
             tests=(tests/test_erase_request.py tests/test_recipe_plan.py tests/test_recipe.py::test_a_name_list_is_one_run
                    tests/test_recipe.py::test_erase_from_is_a_name_or_a_list_of_names
                    tests/test_baselines.py::test_method_defaults_are_each_methods_own_and_typed_flags_win) ;;
-        erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py) ;;
-        erase-stages)  # one short run each: what reaches the stages, resume, interruption
-            mutate=(recare_cli/erase/context.py recare_cli/erase/stage1.py recare_cli/erase/stage2.py recare_cli/erase/inversion.py
-                    recare_cli/erase/loop.py recare_cli/erase/tracking.py)
+        erase-baselines) mutate=(recare_cli/erase/uce.py recare_cli/erase/esd.py); tests=(tests/test_baselines.py tests/test_resume.py) ;;
+        erase-stages)  # the two training stages: targets, losses, what reaches them, resume
+            mutate=(recare_cli/erase/stage1.py recare_cli/erase/stage2.py)
             tests=(tests/test_erase_method.py tests/test_erase_stages.py tests/test_resume.py) ;;
+        erase-loop)  # checkpoints, the loss log, tracking and the run's inputs: no model trained
+            mutate=(recare_cli/erase/loop.py recare_cli/erase/tracking.py recare_cli/erase/inputs.py)
+            tests=(tests/test_stage_loop.py tests/test_erase_inputs.py) ;;
         erase-wiring)  # what reaches each stage, reuse and outputs; the models' calls and the inversion's pieces
             mutate=(recare_cli/erase/run.py recare_cli/erase/context.py recare_cli/erase/inversion.py)
             tests=(tests/test_erase_wiring.py tests/test_erase_context_inversion.py tests/test_erase_method.py) ;;
-        erase-run) mutate=(recare_cli/erase/run.py recare_cli/erase/inputs.py)
-            tests=(tests/test_erase_stages.py tests/test_erase_cli.py tests/test_resume.py) ;;
-        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-wiring, erase-run)" >&2
+        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-loop, erase-wiring)" >&2
            exit 2 ;;
     esac
 }

@@ -156,7 +156,8 @@ def test_uce_edit_keeps_preserved_concepts_and_maps_erased_ones_to_the_guide(mod
 
     erase, preserve = ["a cat"], ["a dog", "a car", "a tree"]
     projections = cross_attention_projections(models.unet)
-    assert projections and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in projections)
+    attn2 = [n for n, _ in models.unet.named_modules() if n.endswith("attn2")]
+    assert attn2 and sorted(projections) == sorted(f"{n}.{kv}" for n in attn2 for kv in ("to_k", "to_v"))  # every K and V
     before = {n: m.weight.detach().clone() for n, m in projections.items()}
     c_erase, c_guide, c_keep = text_features(models, erase), text_features(models, [""]), text_features(models, preserve)
 
