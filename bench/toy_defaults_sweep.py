@@ -15,9 +15,9 @@ runs, as in bench/toy_lr_sweep.py. Everything is kept under --runs and reused, s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,19 +67,9 @@ def models(runs: Path) -> list[dict]:
 
 
 def measure_all(args, reporter) -> None:
-    import datetime
-
-    import torch
-
-    from recare_cli.models import Runtime
-    from recare_cli.toy.package import load_classifier
-
-    pipe, _, _ = Runtime("toy", device="cpu").pipeline()
-    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    classifier = load_classifier()
+    measuring = tf.Measuring.load()
     out = args.runs / "sweep-measurements"
     out.mkdir(exist_ok=True)
-    frequencies = tf.context_frequencies(tf.CONCEPT)
     while True:
         if args.until and datetime.datetime.utcnow().strftime("%H:%M") >= args.until:
             return
@@ -87,24 +77,14 @@ def measure_all(args, reporter) -> None:
         ready = [m for m in models(args.runs) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
-            if args.until is None:
+            if not tf.wait_or_stop(args.until):
                 return
-            time.sleep(60)
             continue
         reporter.info(f"measure {model['name']}")
-        started = time.perf_counter()
         # Each seed's own CARE set decides which words count as CARE concepts for its models.
         care = tf.care_words_of(model["tokens"]) if model["run"] else tf.care_words(args.runs)
-        pipe.unet.load_state_dict(tf.unet_state(model, base_state))
         tokens_file = Path(model.get("tokens") or args.runs / base_run("p10", 42)) / "tokens.safetensors"
-        tokens = tf.set_tokens(pipe, tokens_file)
-        torch.manual_seed(0)
-        entry = tf.measure(pipe, classifier, tf.plan_prompts(tf.CONCEPT, care, frequencies), tokens,
-                           args.samples, args.steps, args.guidance)
-        entry |= {"model": {k: str(v) if isinstance(v, Path) else v for k, v in model.items()}, "care": care,
-                  "measure_seconds": round(time.perf_counter() - started, 1),
-                  "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
-        (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
+        measuring.measure(model, care, tokens_file, args, out, care=care)
 
 
 def goals(point: dict) -> dict[str, bool]:

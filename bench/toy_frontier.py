@@ -352,21 +352,57 @@ def at_matched_erasure(points: list[dict], key: str, level: float = 10.0):
     return curve[0][key][0]  # even the weakest setting is at or under the level
 
 
+@dataclass
+class Measuring:
+    """What every measurement shares: the toy pipeline, its base UNet, the classifier, the prompts' contexts."""
+
+    pipe: object
+    base_state: dict
+    classifier: object
+    frequencies: dict
+
+    @classmethod
+    def load(cls) -> "Measuring":
+        from recare_cli.models import Runtime
+        from recare_cli.toy.package import load_classifier
+
+        pipe, _, _ = Runtime("toy", device="cpu").pipeline()
+        return cls(pipe, {k: v.clone() for k, v in pipe.unet.state_dict().items()}, load_classifier(),
+                   context_frequencies(CONCEPT))
+
+    def measure(self, model: dict, care_set: list[str], tokens_file: Path | None, args, out: Path, **extra) -> None:
+        """Measure `model` (its UNet, and its adversarial tokens when given) and write out/<name>.json."""
+        import torch
+
+        started = time.perf_counter()
+        self.pipe.unet.load_state_dict(unet_state(model, self.base_state))
+        tokens = set_tokens(self.pipe, tokens_file) if tokens_file is not None else []
+        torch.manual_seed(0)
+        entry = measure(self.pipe, self.classifier, plan_prompts(CONCEPT, care_set, self.frequencies), tokens,
+                        args.samples, args.steps, args.guidance)
+        entry |= {"model": {k: str(v) if isinstance(v, Path) else v for k, v in model.items()}, **extra,
+                  "measure_seconds": round(time.perf_counter() - started, 1),
+                  "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
+        (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def wait_or_stop(until: str | None) -> bool:
+    """False once --until (HH:MM, UTC) has passed or without one; else wait a minute for more runs, True."""
+    import datetime
+
+    if until is None or datetime.datetime.utcnow().strftime("%H:%M") >= until:
+        return False
+    time.sleep(60)
+    return True
+
+
 def measure_all(args, reporter) -> None:
     """Measure every available model not measured yet, until --until (HH:MM, UTC) or all are done."""
     import datetime
 
-    import torch
-
-    from recare_cli.models import Runtime
-    from recare_cli.toy.package import load_classifier
-
-    pipe, _, _ = Runtime("toy", device="cpu").pipeline()
-    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    classifier = load_classifier()
+    measuring = Measuring.load()
     out = args.runs / "measurements"
     out.mkdir(exist_ok=True)
-    frequencies = context_frequencies(CONCEPT)
     while True:
         edit_uce(args.runs, reporter)
         care = care_words(args.runs)
@@ -376,24 +412,15 @@ def measure_all(args, reporter) -> None:
         # process (a lock file), so that runs finishing meanwhile are measured in order.
         model = next((m for m in models(args.runs) if care is not None and available(m) and claim(out, m["name"])), None)
         if model is None:
-            if args.until is None:
+            if not wait_or_stop(args.until):
                 return
-            time.sleep(60)
             continue
         reporter.info(f"measure {model['name']}")
-        started = time.perf_counter()
-        pipe.unet.load_state_dict(unet_state(model, base_state))
         # The adversarial tokens' prompts only for the models that learned them (and base): time is short.
         tokens_file = Path(model.get("tokens") or args.runs / "recare-p10-s42") / "tokens.safetensors"
         wants_tokens = model["method"] in ("base",) or model["method"].startswith("recare")
-        tokens = set_tokens(pipe, tokens_file) if wants_tokens and tokens_file.is_file() else []
-        torch.manual_seed(0)
-        entry = measure(pipe, classifier, plan_prompts(CONCEPT, care, frequencies), tokens,
-                        args.samples, args.steps, args.guidance)
-        entry |= {"model": {k: str(v) if isinstance(v, Path) else v for k, v in model.items()},
-                  "train_seconds": seconds(model), "measure_seconds": round(time.perf_counter() - started, 1),
-                  "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
-        (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
+        measuring.measure(model, care, tokens_file if wants_tokens and tokens_file.is_file() else None, args, out,
+                          train_seconds=seconds(model))
 
 
 def claim(out: Path, name: str) -> bool:

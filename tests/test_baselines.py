@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stage_spies import RecordingLoop, record_training, unet_eps
 
 TINY = ("--model", "tiny-random", "--device", "cpu")
 
@@ -20,29 +21,7 @@ def models(tiny_pipe):
     return EraseModels.from_pipeline(copy.deepcopy(tiny_pipe), "cpu")
 
 
-class RecordingLoop:
-    """A StageLoop stand-in that keeps the optimizer and every loss."""
-
-    seed = 0
-
-    def __init__(self):
-        self.optimizer, self.losses = None, []
-
-    def resume(self, params, optimizer, buffers=None):
-        self.optimizer = optimizer
-        return 0
-
-    def step_done(self, step, **losses):
-        self.losses.append(float(losses["loss"].detach()))
-
-
 # ESD ------------------------------------------------------------------------------------------
-
-def _unet_eps(unet, latents, t, embeds):
-    """A UNet prediction computed straight through diffusers, not through EraseModels."""
-    with torch.no_grad():
-        return unet(latents, torch.tensor(t), encoder_hidden_states=embeds).sample
-
 
 @pytest.mark.parametrize("source,eta", [("a painting of a dog", 1.5), (None, 1.0)])
 def test_esd_trains_the_erase_from_prediction_towards_the_published_target(tiny_pipe, models, monkeypatch, source, eta):
@@ -51,29 +30,19 @@ def test_esd_trains_the_erase_from_prediction_towards_the_published_target(tiny_
 
     concept = "a photo of a cat"
     source = source or concept
-    original_unet = copy.deepcopy(tiny_pipe.unet)
-    draws, regressions, draw_settings = [], [], []
-    draw = esd.draw_training_latent
-    monkeypatch.setattr(esd, "draw_training_latent",
-                        lambda *a, **k: draw_settings.append(a[2:]) or draws.append(draw(*a, **k)) or draws[-1])
-    mse = torch.nn.functional.mse_loss
-    monkeypatch.setattr(torch.nn.functional, "mse_loss",
-                        lambda pred, target: regressions.append((pred.detach(), target)) or mse(pred, target))
+    draws, draw_args, regressions = record_training(monkeypatch, esd)
     trainable = select_trainable(models.unet, "noxattn")
     loop = RecordingLoop()
     esd.esd_stage(models, trainable, [concept], [source], esd.EsdSettings(iterations=1, lr=2.5e-4, eta=eta,
                                                                          resolution=64, prefix_steps=1), loop)
 
     (latents_k, t), (eps_theta, target) = draws[0], regressions[0]
-    embeds = {p: tiny_pipe.text_encoder(tiny_pipe.tokenizer(p, padding="max_length", return_tensors="pt",
-                                                            max_length=tiny_pipe.tokenizer.model_max_length).input_ids)[0]
-              for p in {concept, source, ""}}
-    eps_concept, eps_neutral, eps_source = (_unet_eps(original_unet, latents_k, t, embeds[p]) for p in (concept, "", source))
+    eps = unet_eps(tiny_pipe, latents_k, t, {concept, source, ""})  # the weights as the stage started
     # esd_diffusers.py: target = eps(erase_from) - eta (eps(concept) - eps('')), and eps('') when erase_from = concept
-    expected = (eps_source if source != concept else eps_neutral) - eta * (eps_concept - eps_neutral)
+    expected = (eps[source] if source != concept else eps[""]) - eta * (eps[concept] - eps[""])
     assert target.shape == expected.shape and torch.allclose(target, expected, atol=1e-5)  # allclose broadcasts
-    assert draw_settings == [(64, 1)]  # the partial denoising at the stage's resolution and prefix steps
-    assert torch.allclose(eps_theta, _unet_eps(original_unet, latents_k, t, embeds[source]), atol=1e-5)
+    assert draw_args == [(64, 1)]  # the partial denoising at the stage's resolution and prefix steps
+    assert torch.allclose(eps_theta, eps[source], atol=1e-5)
     # plain Adam (the published optimizer), not ReCARE's AdamW with weight decay
     assert type(loop.optimizer) is torch.optim.Adam and loop.optimizer.defaults["weight_decay"] == 0
     assert loop.optimizer.defaults["lr"] == 2.5e-4  # not torch's default 1e-3

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from stage_spies import RecordingLoop, record_training, unet_eps
 
 
 # schedules -----------------------------------------------------------------------------------
@@ -341,22 +342,6 @@ def test_inversion_gives_the_unet_no_gradients_and_learns_what_a_frozen_unet_lea
     assert torch.equal(_inversion_run(frozen, tmp_path / "b", "token_gradabcd"), learned)
 
 
-class _LossLoop:
-    """A StageLoop stand-in: starts at step 0, keeps the optimizer and every step's losses."""
-
-    seed = 0
-
-    def __init__(self):
-        self.optimizer, self.losses = None, []
-
-    def resume(self, params, optimizer, buffers=None):
-        self.optimizer = optimizer
-        return 0
-
-    def step_done(self, step, **losses):
-        self.losses.append({k: float(v.detach()) for k, v in losses.items()})
-
-
 def test_stage2_regresses_on_the_compositional_target_and_the_frozen_retain(tiny_pipe, models, monkeypatch):
     """recare-method.md §5, computed here straight through diffusers: the erase prompt's prediction
     goes to eps('') + (S-1)(eps(a) - eps('')) + mean_j (-S-1)(eps(e_j) - eps('')), the retain prompt's
@@ -366,28 +351,19 @@ def test_stage2_regresses_on_the_compositional_target_and_the_frozen_retain(tiny
     from recare_cli.erase.stage1 import EraseSettings
 
     erase, anchor, retain, scale = ["a cat", "a dog"], "a tree", "a photo of a tree", 3.0
-    draws, regressions = [], []
-    draw = stage2.draw_training_latent
-    monkeypatch.setattr(stage2, "draw_training_latent", lambda *a, **k: draws.append(draw(*a, **k)) or draws[-1])
-    mse = torch.nn.functional.mse_loss
-    monkeypatch.setattr(torch.nn.functional, "mse_loss",
-                        lambda pred, target: regressions.append((pred.detach(), target)) or mse(pred, target))
-    loop = _LossLoop()
+    draws, _, regressions = record_training(monkeypatch, stage2)
+    loop = RecordingLoop()
     settings = EraseSettings(iterations=2, lr=3.5e-4, guidance_scale=scale, resolution=64, prefix_steps=1)
     stage2.robust_erase_stage(models, select_trainable(models.unet, "xattn"), erase, [anchor], [retain], settings, loop)
 
     (latents_k, t), [(eps_theta_e, erase_target), (eps_theta_r, retain_target)] = draws[0], regressions[:2]
-    ids = {p: tiny_pipe.tokenizer(p, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids for p in [*erase, anchor, retain, ""]}
-    with torch.no_grad():
-        eps = {p: tiny_pipe.unet(latents_k, torch.tensor(t), encoder_hidden_states=tiny_pipe.text_encoder(i)[0]).sample
-               for p, i in ids.items()}
+    eps = unet_eps(tiny_pipe, latents_k, t, [*erase, anchor, retain, ""])
     drawn = next(e for e in erase if torch.allclose(eps_theta_e, eps[e], atol=1e-5))
     expected = (eps[""] + (scale - 1) * (eps[anchor] - eps[""])
                 + sum((-scale - 1) * (eps[e] - eps[""]) for e in erase) / len(erase))
     assert drawn in erase and torch.allclose(erase_target, expected, atol=1e-5)
     assert torch.allclose(eps_theta_r, eps[retain], atol=1e-5) and torch.allclose(retain_target, eps[retain], atol=1e-5)
-    assert loop.losses[0]["erase_loss"] == pytest.approx(float(mse(eps_theta_e, expected)), rel=1e-4)
+    assert loop.losses[0]["erase_loss"] == pytest.approx(float(((eps_theta_e - expected) ** 2).mean()), rel=1e-4)
     step = loop.losses[1]  # the weights have moved: the retain loss is no longer 0
     assert step["retain_loss"] > 0 and step["loss"] == pytest.approx(step["erase_loss"] + step["retain_loss"], rel=1e-6)
     # AdamW (the reference's optimizer for both stages) at the stage's own rate, not torch's default 1e-3
@@ -400,22 +376,13 @@ def test_stage1_regresses_on_the_single_negative_target_of_the_stages_frozen_wei
     from recare_cli.erase.params import select_trainable
 
     concept, g = "a cat", 3.0
-    draws, regressions = [], []
-    draw = stage1.draw_training_latent
-    monkeypatch.setattr(stage1, "draw_training_latent", lambda *a, **k: draws.append(draw(*a, **k)) or draws[-1])
-    mse = torch.nn.functional.mse_loss
-    monkeypatch.setattr(torch.nn.functional, "mse_loss",
-                        lambda pred, target: regressions.append((pred.detach(), target)) or mse(pred, target))
-    loop = _LossLoop()
+    draws, _, regressions = record_training(monkeypatch, stage1)
+    loop = RecordingLoop()
     settings = stage1.EraseSettings(iterations=2, lr=3.5e-4, guidance_scale=g, resolution=64, prefix_steps=1)
     stage1.erase_stage(models, select_trainable(models.unet, "xattn"), [concept], settings, loop)
 
-    ids = {p: tiny_pipe.tokenizer(p, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids for p in (concept, "")}
     for step, ((latents_k, t), (eps_theta, target)) in enumerate(zip(draws, regressions, strict=True)):
-        with torch.no_grad():  # the frozen weights are the stage's starting ones, at every step
-            eps = {p: tiny_pipe.unet(latents_k, torch.tensor(t), encoder_hidden_states=tiny_pipe.text_encoder(i)[0]).sample
-                   for p, i in ids.items()}
+        eps = unet_eps(tiny_pipe, latents_k, t, [concept, ""])  # the frozen weights: the stage's starting ones
         assert torch.allclose(target, eps[concept] - (g - 1) * (eps[concept] - eps[""]), atol=1e-5)
         if step == 0:  # the trained prediction is the concept's, from the weights as they stand
             assert torch.allclose(eps_theta, eps[concept], atol=1e-5)
@@ -435,12 +402,11 @@ def test_stage2_keeps_one_momentum_buffer_per_condition_when_asked(models, monke
     real = stage2.compositional_target
     monkeypatch.setattr(stage2, "compositional_target",
                         lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("buffers")) or real(*a, **k))
-    loop = _LossLoop()
-    resumed = []
-    loop.resume = lambda params, optimizer, buffers=None: resumed.append(buffers) or 0
+    loop = RecordingLoop()
     settings = EraseSettings(iterations=2, lr=1e-4, resolution=64, prefix_steps=1, knobs=GuidanceKnobs(momentum=momentum))
     stage2.robust_erase_stage(models, select_trainable(models.unet, "xattn"), ["a cat", "a dog"], ["a tree"],
                               ["a photo of a tree"], settings, loop)
+    resumed = loop.buffers
     if momentum == 0:
         assert seen == [None, None] and resumed == [None]
         return
