@@ -234,14 +234,27 @@ def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model)
     assert (by_set / "careset.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (("--uce-lamb", "0"), "--uce-lamb must be positive"),
-    (("--uce-erase-scale", "-1"), "--uce-erase-scale must be 0 or more"),
-    (("--erase-from", "a painting"), "--erase-from is not an option of --method uce"),
+@pytest.mark.parametrize("extra,message,hint", [
+    (("--uce-lamb", "0"), "--uce-lamb must be positive (got 0.0)",
+     "it keeps the edited weights near the original ones and the system solvable; default 0.5"),
+    (("--uce-erase-scale", "-1"), "--uce-erase-scale must be 0 or more (got -1.0)", None),
+    (("--uce-preserve-scale", "-0.5"), "--uce-preserve-scale must be 0 or more (got -0.5)", None),
+    (("--erase-from", "a painting"), "--erase-from is not an option of --method uce",
+     "UCE maps each concept to its guide: pass --guide PROMPT instead"),
 ])
-def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message):
+def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message, hint):
     result = run_cli(*_uce_args(tmp_path / "run", *extra))
-    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 2 and f"Error: {message}" in result.stderr and "Traceback" not in result.stderr
+    if hint is not None:
+        assert hint in result.stderr
+
+
+def test_uce_scales_of_zero_are_allowed():
+    """A scale of 0 switches its term off (the published code allows it); only negative ones are refused."""
+    from recare_cli.erase.run import EraseRequest
+    from recare_cli.erase.uce import check_uce_request
+
+    check_uce_request(EraseRequest(concepts=["x"], method="uce", uce_erase_scale=0.0, uce_preserve_scale=0.0))
 
 
 def test_preserve_is_refused_by_the_trained_methods(run_cli, tmp_path):

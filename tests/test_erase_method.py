@@ -351,10 +351,11 @@ def test_stage2_regresses_on_the_compositional_target_and_the_frozen_retain(tiny
     from recare_cli.erase.stage1 import EraseSettings
 
     erase, anchor, retain, scale = ["a cat", "a dog"], "a tree", "a photo of a tree", 3.0
-    draws, _, regressions = record_training(monkeypatch, stage2)
+    draws, draw_args, regressions = record_training(monkeypatch, stage2)
     loop = RecordingLoop()
     settings = EraseSettings(iterations=2, lr=3.5e-4, guidance_scale=scale, resolution=64, prefix_steps=1)
     stage2.robust_erase_stage(models, select_trainable(models.unet, "xattn"), erase, [anchor], [retain], settings, loop)
+    assert draw_args == [(64, 1)] * 2  # the partial denoising at the stage's resolution and prefix steps
 
     (latents_k, t), [(eps_theta_e, erase_target), (eps_theta_r, retain_target)] = draws[0], regressions[:2]
     eps = unet_eps(tiny_pipe, latents_k, t, [*erase, anchor, retain, ""])
