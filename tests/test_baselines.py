@@ -241,6 +241,7 @@ def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model)
     (("--uce-preserve-scale", "-0.5"), "--uce-preserve-scale must be 0 or more (got -0.5)", None),
     (("--erase-from", "a painting"), "--erase-from is not an option of --method uce",
      "UCE maps each concept to its guide: pass --guide PROMPT instead"),
+    (("--preserve", " "), "--preserve is empty", "name a concept to keep, or 'careset' for the CARE set's words"),
 ])
 def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message, hint):
     result = run_cli(*_uce_args(tmp_path / "run", *extra))
