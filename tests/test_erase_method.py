@@ -377,10 +377,11 @@ def test_stage1_regresses_on_the_single_negative_target_of_the_stages_frozen_wei
     from recare_cli.erase.params import select_trainable
 
     concept, g = "a cat", 3.0
-    draws, _, regressions = record_training(monkeypatch, stage1)
+    draws, draw_args, regressions = record_training(monkeypatch, stage1)
     loop = RecordingLoop()
     settings = stage1.EraseSettings(iterations=2, lr=3.5e-4, guidance_scale=g, resolution=64, prefix_steps=1)
     stage1.erase_stage(models, select_trainable(models.unet, "xattn"), [concept], settings, loop)
+    assert draw_args == [(64, 1)] * 2  # the partial denoising at the stage's resolution and prefix steps
 
     for step, ((latents_k, t), (eps_theta, target)) in enumerate(zip(draws, regressions, strict=True)):
         eps = unet_eps(tiny_pipe, latents_k, t, [concept, ""])  # the frozen weights: the stage's starting ones
@@ -415,3 +416,26 @@ def test_stage2_keeps_one_momentum_buffer_per_condition_when_asked(models, monke
     assert len(buffers) == 3 and all(isinstance(b, MomentumBuffer) and b.momentum == momentum for b in buffers)
     assert seen[1] is buffers and resumed == [buffers]
     assert all(b.running_average is not None for b in buffers)  # each condition's direction was accumulated
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_stage1_keeps_its_momentum_buffer_when_asked(models, monkeypatch, momentum):
+    """--apg-momentum reaches stage 1: one buffer, used at every step and restored on resume; none without."""
+    import recare_cli.erase.stage1 as stage1
+    from recare_cli.erase.guidance import GuidanceKnobs, MomentumBuffer
+    from recare_cli.erase.params import select_trainable
+
+    seen = []
+    real = stage1.single_negative_target
+    monkeypatch.setattr(stage1, "single_negative_target",
+                        lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("buffer")) or real(*a, **k))
+    loop = RecordingLoop()
+    settings = stage1.EraseSettings(iterations=2, lr=1e-4, resolution=64, prefix_steps=1,
+                                    knobs=GuidanceKnobs(momentum=momentum))
+    stage1.erase_stage(models, select_trainable(models.unet, "xattn"), ["a cat"], settings, loop)
+    if momentum == 0:
+        assert seen == [None, None] and loop.buffers == [None]
+        return
+    buffer = seen[0]
+    assert isinstance(buffer, MomentumBuffer) and buffer.momentum == momentum and buffer.running_average is not None
+    assert seen[1] is buffer and loop.buffers == [[buffer]]
