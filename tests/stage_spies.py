@@ -11,7 +11,7 @@ class RecordingLoop:
     seed = 0
 
     def __init__(self):
-        self.optimizer, self.buffers, self.losses = None, [], []
+        self.optimizer, self.buffers, self.steps, self.loss_shapes, self.losses = None, [], [], [], []
 
     def resume(self, params, optimizer, buffers=None):
         self.optimizer = optimizer
@@ -19,6 +19,8 @@ class RecordingLoop:
         return 0
 
     def step_done(self, step, **losses):
+        self.steps.append(step)
+        self.loss_shapes.append({k: tuple(v.shape) for k, v in losses.items()})
         self.losses.append({k: float(v.detach()) for k, v in losses.items()})
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_spies import RecordingLoop
 
 
 # context.py: the models and how the stages call them ------------------------------------------------
@@ -327,7 +328,7 @@ def test_each_inversion_step_sees_one_image_a_flip_a_template_and_a_timestep(mod
         seen["noised"].append((x0, noise)), add_noise(x0, noise, t))[1])
 
     steps = 9
-    loop = _OptimizerLoop()
+    loop = RecordingLoop()
     learned = inversion_stage(models, token_id, images, templates, token,
                               InversionSettings(steps=steps, lr=7e-3, resolution=64), loop)
     monkeypatch.undo()
@@ -345,22 +346,9 @@ def test_each_inversion_step_sees_one_image_a_flip_a_template_and_a_timestep(mod
                                                         seen["randn"][1::2], strict=True):
         mean, std = cache.distribution(index, flip)
         assert torch.allclose(x0, (mean + std * sample) * models.vae_scale) and noise is fresh
-    assert loop.steps == [(step, ["loss"], 0) for step in range(steps)]  # each step's loss reported
+    assert loop.steps == list(range(steps)) and loop.loss_shapes == [{"loss": ()}] * steps  # each step's loss reported
     # AdamW at the settings' rate on the token row alone, which ends written into the text encoder
     assert type(loop.optimizer) is torch.optim.AdamW and loop.optimizer.defaults["lr"] == 7e-3
     (row,) = loop.optimizer.param_groups[0]["params"]
     assert torch.equal(row.detach(), learned)
     assert torch.equal(models.text_encoder.get_input_embeddings().weight[token_id], learned)
-
-
-class _OptimizerLoop:
-    """A StageLoop stand-in: starts at step 0 and keeps the optimizer it was given."""
-
-    seed = 0
-
-    def resume(self, params, optimizer, buffers=None):
-        self.optimizer = optimizer
-        return 0
-
-    def step_done(self, step, **losses):
-        self.steps = getattr(self, "steps", []) + [(step, sorted(losses), losses["loss"].dim())]

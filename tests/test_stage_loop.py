@@ -23,6 +23,7 @@ from recare_cli.erase.loop import StageLoop
 from recare_cli.erase.tracking import Tracker
 from recare_cli.errors import RecareError
 from recare_cli.output import JSON, Reporter, Task
+from test_erase_cli import checkpoint_state
 
 
 def json_reporter() -> tuple[Reporter, io.StringIO, io.StringIO]:
@@ -251,17 +252,10 @@ def test_checkpoints_are_written_every_n_steps_but_not_after_the_last(tmp_path, 
         train_step(params, optimizer, buffers)
         stage.step_done(step, loss=torch.tensor(1.0))
         if (tmp_path / loop.CHECKPOINT).is_file():
-            steps_in_file.append(json.loads(_metadata(tmp_path / loop.CHECKPOINT))["step"])
+            steps_in_file.append(checkpoint_state(tmp_path / loop.CHECKPOINT)["step"])
     assert [e["step"] for e in events(stdout)] == written_after
     assert all(e == {"event": "checkpoint", "stage": "erase-0", "step": e["step"]} for e in events(stdout))
     assert sorted(set(steps_in_file)) == [n - 1 for n in written_after]  # the step it resumes after
-
-
-def _metadata(path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata()[loop.STATE_KEY]
 
 
 # the loss log and what tracking receives ----------------------------------------------------------
