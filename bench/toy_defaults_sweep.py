@@ -15,7 +15,6 @@ runs, as in bench/toy_lr_sweep.py. Everything is kept under --runs and reused, s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -71,7 +70,7 @@ def measure_all(args, reporter) -> None:
     out = args.runs / "sweep-measurements"
     out.mkdir(exist_ok=True)
     while True:
-        if args.until and datetime.datetime.utcnow().strftime("%H:%M") >= args.until:
+        if tf.past(args.until):
             return
         # A snapshot exists mid-run; its tokens and CARE set only once the seed's own run is complete.
         ready = [m for m in models(args.runs) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]

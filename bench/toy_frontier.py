@@ -386,11 +386,16 @@ class Measuring:
         (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
 
 
-def wait_or_stop(until: str | None) -> bool:
-    """False once --until (HH:MM, UTC) has passed or without one; else wait a minute for more runs, True."""
+def past(until: str | None) -> bool:
+    """True once --until (HH:MM, UTC) has passed."""
     import datetime
 
-    if until is None or datetime.datetime.utcnow().strftime("%H:%M") >= until:
+    return until is not None and datetime.datetime.utcnow().strftime("%H:%M") >= until
+
+
+def wait_or_stop(until: str | None) -> bool:
+    """False once --until has passed or without one; else wait a minute for more runs, True."""
+    if until is None or past(until):
         return False
     time.sleep(60)
     return True
@@ -398,15 +403,13 @@ def wait_or_stop(until: str | None) -> bool:
 
 def measure_all(args, reporter) -> None:
     """Measure every available model not measured yet, until --until (HH:MM, UTC) or all are done."""
-    import datetime
-
     measuring = Measuring.load()
     out = args.runs / "measurements"
     out.mkdir(exist_ok=True)
     while True:
         edit_uce(args.runs, reporter)
         care = care_words(args.runs)
-        if args.until and datetime.datetime.utcnow().strftime("%H:%M") >= args.until:
+        if past(args.until):
             return
         # One model at a time, the most important one available and not taken by another measuring
         # process (a lock file), so that runs finishing meanwhile are measured in order.
