@@ -34,10 +34,12 @@ def base_run(variant: str, seed: int) -> str:
     return f"recare-{variant}-s{seed}"
 
 
-def robust_run(variant: str, seed: int, lr: float) -> str:
-    """The run holding this setting's robust checkpoints (the seed's own run at the default rate, when it has them)."""
-    if lr == DEFAULT_LR and seed != 43:  # the frontier's s42 runs and the new s44 ones keep their robust snapshots
-        return base_run(variant, seed)
+def robust_run(runs: Path, variant: str, seed: int, lr: float) -> str:
+    """The run holding this setting's robust checkpoints: the seed's own run at the default rate,
+    unless it was trained (by the frontier) without keeping them."""
+    own = runs / base_run(variant, seed)
+    if lr == DEFAULT_LR and (not tf.finished(own) or (own / "snapshots").is_dir()):
+        return own.name
     return f"sweep-{variant}-s{seed}-lr{lr:g}"
 
 
@@ -47,7 +49,7 @@ def train_all(runs: Path, reporter) -> None:
         for variant, settings in VARIANTS.items():
             tf.train(base_run(variant, seed), settings | {"seed": seed}, runs, reporter, snapshot_stage="robust")
             for lr in LRS:
-                name = robust_run(variant, seed, lr)
+                name = robust_run(runs, variant, seed, lr)
                 if name != base_run(variant, seed):
                     tf.train(name, {}, runs, reporter, snapshot_stage="robust", robust_from=base_run(variant, seed), robust_lr=lr)
 
@@ -58,7 +60,7 @@ def models(runs: Path) -> list[dict]:
     order = sorted(((v, s, lr, it) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS),
                    key=lambda k: (k[2] != DEFAULT_LR or k[3] != 300, k[1], k[2], -k[3]))
     for variant, seed, lr, it in order:
-        run = runs / robust_run(variant, seed, lr)
+        run = runs / robust_run(runs, variant, seed, lr)
         out.append({"name": f"{variant}-s{seed}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr,
                     "iterations": it, "run": run, "tokens": runs / base_run(variant, seed),
                     "snapshot": None if it == 300 else run / "snapshots" / f"robust-{it}.safetensors"})
