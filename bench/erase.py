@@ -19,6 +19,7 @@ weights (nothing is downloaded) and runs the default recipe (200 iterations, 300
 
     python bench/erase.py --gpu [--dtype bf16]
     python bench/erase.py --gpu --dry-run     # the same code path with shrunken models, on a CPU
+    python bench/erase.py --gpu --iterations 20 --ti-steps 300   # a tenth of the recipe, for a short lease
 
 `--family sdxl` does the same with stabilityai/stable-diffusion-xl-base-1.0's published configs
 (two text encoders, 2048-wide context, text_time embedding, force_upcast VAE) at its 1024 px:
@@ -205,6 +206,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: shrunken models and recipe, any device")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="with --gpu: erase iterations instead of the default recipe's 200 (to fit a short lease)")
+    parser.add_argument("--ti-steps", type=int, default=None,
+                        help="with --gpu: inversion steps instead of the default recipe's 3000")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--progress", action="store_true", help="draw the progress bars")
     parser.add_argument("--side-by-side", action="store_true",
@@ -223,6 +228,8 @@ def main(argv=None) -> None:
                           checkpoint_every=100)
             if args.dry_run:
                 recipe.update(iterations=2, ti_steps=2, resolution=64, checkpoint_every=1)
+            recipe.update({key: value for key, value in
+                           (("iterations", args.iterations), ("ti_steps", args.ti_steps)) if value is not None})
             model = str((build_sdxl_random if sdxl else build_sd14_random)(workdir, args.dry_run))
             name = "SDXL" if sdxl else "SD-1.4"
             shape = f"shrunken {name} structure (dry run)" if args.dry_run else f"{name}-shaped, random weights"

@@ -130,9 +130,12 @@ class LatentCache:
             if index not in self._pixels:
                 self._pixels[index] = load_pixels(self.images[index], self.settings.resolution, self.settings.center_crop)
             pixels = self._pixels[index].flip(-1) if flip else self._pixels[index]
+            # A channels-last input makes the encoder's full-resolution convolutions 15-30% faster on
+            # a CPU (bench/erase.py; the same result to ~1e-5); the UNet then gets contiguous latents.
+            batch = pixels.unsqueeze(0).to(self.models.device).contiguous(memory_format=torch.channels_last)
             with self.models.vae_autocast():
-                dist = self.models.vae.encode(pixels.unsqueeze(0).to(self.models.device)).latent_dist
-            self._dists[key] = (dist.mean.float(), dist.std.float())
+                dist = self.models.vae.encode(batch).latent_dist
+            self._dists[key] = (dist.mean.float().contiguous(), dist.std.float().contiguous())
         return self._dists[key]
 
 
