@@ -83,6 +83,8 @@ only_mutate = {json.dumps(os.environ["MUTATE"].split())}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 pytest_add_cli_args_test_selection = {json.dumps(os.environ["TESTS"].split())}
 process_isolation = "forkserver"
+forkserver_warmup = "import"
+preload_modules_file = "bench/mutmut-preload.txt"
 timeout_constant = 30.0
 '''
 path.write_text(text)
@@ -91,6 +93,11 @@ PY
 # build and load a model in each mutant's fresh session; without the margin those mutants "time out".
 # One torch thread per mutant: the jobs share 2 cores with whatever else runs (benchmarks first).
 export OMP_NUM_THREADS=1
+# The built-in models, built once and copied into each mutant's session (tests/conftest.py) rather
+# than rebuilt there: the build was most of a mutant's time for the fast test files.
+"$python" -c 'import sys; from pathlib import Path; from recare_cli.models import BUILTIN_MODELS, builtin_path
+for name in BUILTIN_MODELS: builtin_path(name, Path(sys.argv[1]))' "$scratch/.test-cache"
+export RECARE_TEST_MODELS="$scratch/.test-cache/models"
 start=$(date +%s)
 nice -n 15 "$python" -m mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
 echo "# $(date -u +%FT%TZ), $(( $(date +%s) - start )) s: ${mutate[*]} against ${tests[*]}"

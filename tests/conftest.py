@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def pytest_configure(config):
     os.environ["HF_HOME"] = str(SESSION_ROOT / "hf-home")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    models = os.environ.get("RECARE_TEST_MODELS")
+    if models:  # built-in models an earlier session built: mutation testing runs one session per mutant
+        shutil.copytree(models, SESSION_ROOT / "cache" / "models")
+
+
+def pytest_unconfigure(config):
+    if SESSION_ROOT is not None:
+        shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
