@@ -3,6 +3,8 @@ checks before anything runs, sharing entries out, and the report of a run (throu
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -344,3 +346,95 @@ def test_entries_that_would_write_one_run_directory_go_to_one_process(tmp_path):
     # #4 sets ESD's default eta: the same run as #1; #5 and #6 cannot be planned, so each goes by itself
     assert share_out(entries, 2) == [[0, 3, 4], [1, 2, 5]]
     assert share_out(entries, 3) == [[0, 3], [1, 4], [2, 5]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Device:
+    """A runtime as _run_spread sees it: only its device (no CUDA needed to claim one)."""
+
+    device: str
+
+    def torch_device(self) -> str:
+        return self.device
+
+
+def _spread(monkeypatch, rank: int, devices: list[str]):
+    """_run_spread in process `rank` of 2, with accelerate's collectives replaced by recorders."""
+    from recare_cli.erase import recipe
+
+    entries = [Entry(i + 1, EraseRequest(concepts=[f"c{i + 1}"], method="echo"), _Device(d))
+               for i, d in enumerate(devices)]
+    seen = {"ran": [], "alone": False}
+    main_plan = [[3, 1], [0, 2, 4]]  # not share_out's: every process must follow the main's plan
+
+    @contextlib.contextmanager
+    def alone():
+        seen["alone"] = True
+        yield
+        seen["alone"] = False
+
+    def broadcast(value, group):
+        seen["sent"] = (value, group)
+        return main_plan
+
+    def run_entry(entry, reporter):
+        seen["ran"].append((entry.index, entry.runtime, reporter, seen["alone"]))
+        return recipe.Outcome(entry, recipe.DONE, 0.0)
+
+    def gather(outcomes, group):
+        seen["gathered"] = (list(outcomes), group)
+        if rank != 0:
+            return None
+        others = [recipe.Outcome(entries[p], recipe.DONE, 0.0) for p in main_plan[1 - rank]]
+        return others + outcomes
+
+    monkeypatch.setattr(recipe, "process_group", lambda runtime: seen.setdefault("group_of", runtime) and (rank, 2, "state"))
+    monkeypatch.setattr(recipe, "waiting_group", lambda: "group")
+    monkeypatch.setattr(recipe, "broadcast_from_main", broadcast)
+    monkeypatch.setattr(recipe, "gather_to_main", gather)
+    monkeypatch.setattr(recipe, "alone", alone)
+    monkeypatch.setattr(recipe, "own_device", lambda runtime, state: ("own", runtime.device, state))
+    monkeypatch.setattr(recipe, "_run_entry", run_entry)
+    reporter = Reporter(JSON, stdout=io.StringIO(), stderr=io.StringIO())
+    return entries, main_plan, seen, reporter, recipe._run_spread(entries, reporter)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_process_runs_the_mains_share_for_it_alone_on_its_own_device(monkeypatch, rank):
+    from recare_cli.output import QUIET_REPORTER
+
+    entries, main_plan, seen, reporter, returned = _spread(monkeypatch, rank, ["cpu", "cpu", "cuda:1", "cuda:0", "cpu"])
+    assert seen["group_of"] == entries[2].runtime  # the process group is made on the first accelerator named
+    assert seen["sent"] == ((share_out(entries, 2) if rank == 0 else None), "group")  # only the main plans
+    mine = [entries[p] for p in main_plan[rank]]
+    assert seen["ran"] == [(e.index, ("own", e.runtime.device, "state"), reporter if rank == 0 else QUIET_REPORTER, True)
+                           for e in mine]
+    assert seen["alone"] is False  # `alone` is left once this share is done
+    assert [o.entry.index for o in seen["gathered"][0]] == [e.index for e in mine] and seen["gathered"][1] == "group"
+    if rank == 0:  # every process's outcomes, in recipe order
+        assert [o.entry.index for o in returned] == [1, 2, 3, 4, 5]
+    else:
+        assert returned is None
+
+
+def test_without_an_accelerator_the_process_group_is_made_on_the_first_entrys_runtime(monkeypatch):
+    entries, _, seen, _, _ = _spread(monkeypatch, 0, ["cpu"] * 5)
+    assert seen["group_of"] is entries[0].runtime
+
+
+def test_under_a_launch_only_the_main_process_reports_as_one_process_would(tmp_path, plugin_method, monkeypatch):
+    from recare_cli.erase import recipe
+
+    alone_outcomes, alone_error, alone_out, _ = run_plugin(tmp_path, ["done", "fail-bug", "reused"])
+    monkeypatch.setattr(recipe, "launched_world", lambda: 2)
+    monkeypatch.setattr(recipe, "_run_spread", lambda entries, reporter: None)  # not the main process
+    assert run_plugin(tmp_path, ["done", "fail-bug", "reused"]) == ([], None, "", "")
+    monkeypatch.setattr(recipe, "_run_spread", lambda entries, reporter: [
+        recipe._run_entry(e, recipe.QUIET_REPORTER) for e in reversed(entries)][::-1])  # the main, after the gather
+    outcomes, error, out, _ = run_plugin(tmp_path, ["done", "fail-bug", "reused"])
+
+    def rows(text):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in results(text)]
+
+    assert rows(out) == rows(alone_out) and len(rows(out)) == 4  # a row per entry, then the summary
+    assert outcomes is None and str(error) == str(alone_error) and alone_outcomes is None
