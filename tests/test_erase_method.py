@@ -123,6 +123,62 @@ def test_fewer_prefix_steps_end_at_the_same_noise_level(times, k):
     assert coarse == sorted(coarse, reverse=True)
 
 
+
+def _ddim(tiny_pipe, **config):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config({**tiny_pipe.scheduler.config, **config})
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_one_ddim_step_is_diffusers_step_for_each_prediction_type(tiny_pipe, prediction_type):
+    from recare_cli.erase.denoise import DDIMTimes, ddim_step
+
+    scheduler = _ddim(tiny_pipe, prediction_type=prediction_type, clip_sample=False)
+    times = DDIMTimes(scheduler)
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    latents, output = torch.randn(2, 1, 4, 4, 4, generator=generator)
+    for t in (times.timesteps_50[0], times.timesteps_50[25], times.timesteps_50[-1]):  # the last steps onto t < 0
+        expected = scheduler.step(output, t, latents, eta=0.0).prev_sample
+        args = (latents, output, times.alpha(t), times.alpha(t - times.stride_50))
+        stepped = ddim_step(*args) if prediction_type == "epsilon" else ddim_step(*args, prediction_type)
+        torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_the_step_past_the_last_timestep_uses_the_schedulers_final_alpha(tiny_pipe, set_alpha_to_one):
+    from recare_cli.erase.denoise import DDIMTimes
+
+    scheduler = _ddim(tiny_pipe, set_alpha_to_one=set_alpha_to_one)
+    times = DDIMTimes(scheduler)
+    assert torch.equal(times.alpha(0), scheduler.alphas_cumprod[0]) and torch.equal(times.alpha(7), scheduler.alphas_cumprod[7])
+    assert float(times.alpha(-1)) == (1.0 if set_alpha_to_one else float(scheduler.alphas_cumprod[0]))
+
+
+def test_a_schedule_whose_length_is_not_a_multiple_of_50_keeps_whole_timesteps(tiny_pipe):
+    from recare_cli.erase.denoise import DDIMTimes
+
+    scheduler = _ddim(tiny_pipe, num_train_timesteps=1025)
+    times = DDIMTimes(scheduler)
+    scheduler.set_timesteps(50)
+    for k in (1, 17, 48):  # the 50-step prefix lands where DDIM's k-th step does: 1025 // 50 below t_k
+        assert times.prefix_timesteps(k, 50) == [*times.timesteps_50[:k], times.timesteps_50[k - 1] - 1025 // 50]
+        assert times.timesteps_50 == [int(t) for t in scheduler.timesteps]
+
+
+def test_a_model_predicting_something_else_is_refused_with_the_types_recare_trains(tiny_pipe):
+    from recare_cli.erase.denoise import DDIMTimes
+    from recare_cli.errors import RecareError
+
+    scheduler = _ddim(tiny_pipe)
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(RecareError) as caught:
+        DDIMTimes(scheduler)
+    assert caught.value.message == "the model's scheduler predicts 'flow', which recare cannot train"
+    assert caught.value.hint == "models predicting epsilon or v_prediction or sample are supported"
+
+
 # trainable parameters -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["noxattn", "xattn", "xattn-strict", "selfattn", "full"])
@@ -133,8 +189,9 @@ def test_each_train_method_changes_exactly_its_modules(tiny_pipe, method):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     trainable = select_trainable(unet, method)
     names = list(trainable)
-    if method == "xattn-strict":
-        assert names and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in names)
+    if method == "xattn-strict":  # every cross-attention key and value projection, nothing else
+        assert names == [n for n, _ in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n]
+        assert any(".attn2.to_k." in n for n in names) and any(".attn2.to_v." in n for n in names)
     if method == "xattn":
         assert names and all(".attn2." in n for n in names)
         assert any(".attn2.to_q." in n for n in names) and any(".attn2.to_out." in n for n in names)
@@ -159,8 +216,10 @@ def test_unknown_train_method_is_a_usage_error(tiny_pipe):
     from recare_cli.erase.params import select_trainable
     from recare_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="train-method"):
+    with pytest.raises(UsageError) as caught:
         select_trainable(copy.deepcopy(tiny_pipe.unet), "attn3")
+    assert caught.value.message == "unknown --train-method 'attn3'"
+    assert caught.value.hint == "choose one of noxattn, xattn, xattn-strict, selfattn, full"
 
 
 # training loops on tiny-random ----------------------------------------------------------------
