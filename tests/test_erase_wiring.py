@@ -4,6 +4,7 @@ then run the real stage, on tiny-random with one step a stage."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -286,19 +287,21 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
 
     def esd_stage(models, trainable, concepts, erase_from, settings, loop):
         calls.append((list(trainable), list(concepts), list(erase_from), settings,
-                      (loop.stage, loop.total, loop.seed, loop.checkpoint_every), models.unet.is_gradient_checkpointing))
+                      (loop.stage, loop.total, loop.seed, loop.checkpoint_every, loop.task is not None),
+                      models.unet.is_gradient_checkpointing))
         return real(models, trainable, concepts, erase_from, settings, loop)
 
     monkeypatch.setattr(esd, "esd_stage", esd_stage)
     out = tmp_path / "run"
     request = _request(inputs, out, method="esd", concepts=["nudity", "star"], images=None, careset=None,
                        erase_from=["a photo", "a drawing"], gradient_checkpointing=True)
-    result, _ = _run(request)
+    result, events = _run(request)
     ((trainable, concepts, erase_from, settings, loop, checkpointing),) = calls
+    assert [(e["stage"], e["steps"]) for e in events if e.get("event") == "stage_start"] == [("esd", 1)]
     assert checkpointing is True  # --gradient-checkpointing reaches the UNet
     assert concepts == ["nudity", "star"] and erase_from == ["a photo", "a drawing"]
     assert settings == EsdSettings(iterations=1, lr=3e-5, eta=1.5, resolution=64, prefix_steps=2)
-    assert loop == ("esd", 1, 7, 5)
+    assert loop == ("esd", 1, 7, 5, True)  # the loop advances the stage's bar (and checks for Ctrl-C there)
     assert trainable and all(".attn2." in k for k in trainable)  # --train-method xattn
     assert result.tokens == [] and not (out / "tokens.safetensors").exists()
     assert list(result.stages) == ["esd"] and [p.name for p in (out / "stages").iterdir()] == ["esd.safetensors"]
@@ -310,6 +313,40 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
     again, events = _run(request)
     assert len(calls) == 1 and [e["stage"] for e in events if e.get("event") == "stage_reused"] == ["esd"]
     assert same_tensors(load(out / "unet.safetensors"), erased) and again.stages["esd"]["reused"] is True
+
+
+def test_a_reused_stage_is_recorded_even_without_its_old_timing_and_moves_the_bar_once():
+    from types import SimpleNamespace
+
+    from recare_cli.erase.run import Stages
+    from recare_cli.output import Task
+
+    tasks, records, events = {}, [], []
+
+    class Recorder:  # a reporter that keeps its progress tasks
+        @contextlib.contextmanager
+        def progress(self, description, total):
+            tasks[description] = Task()
+            yield tasks[description]
+
+        def event(self, kind, **data):
+            events.append(kind)
+
+    counter = SimpleNamespace(images=0)
+    previous = {"erase-0": {"seconds": 1.5, "unet_images": 7, "reused": False}, "other": {"seconds": 2.0}}
+    stages = Stages(["erase-0", "inversion-0", "robust"], counter, Recorder(), previous,
+                    lambda record: records.append(copy.deepcopy(record)))
+    with stages.outer():
+        stages.reused("erase-0")
+        stages.reused("inversion-0")  # its file was saved, then the run was killed before the manifest got its timing
+        with stages.stage("robust", 3):
+            counter.images += 4
+    assert records[0] == {"erase-0": {"seconds": 1.5, "unet_images": 7, "reused": True}}  # written at once
+    assert records[1] == {**records[0], "inversion-0": {"reused": True}}
+    assert records[2] == {**records[1], "robust": {"seconds": records[2]["robust"]["seconds"], "unet_images": 4,
+                                                   "reused": False}}
+    assert events == ["stage_reused", "stage_reused", "stage_start", "stage_end"]
+    assert tasks["stages"].completed == 3  # one step of the outer bar per stage, reused or run
 
 
 def test_stage_names_follow_the_method_and_the_missing_inputs():

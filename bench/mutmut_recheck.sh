@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reruns each survivor of a kept bench/mutmut_subset.sh copy against the whole test selection.
+#
+# mutmut runs a mutant only against the tests it saw call the mutated function. A function that
+# runs inside a module-scoped fixture (tests/test_erase_wiring.py's `wired` erase run) is seen
+# only by the first test that sets the fixture up. So a mutant there survives when a later test,
+# which checks the fixture's results, would have failed it. This script runs every test file of the
+# selection with the mutant switched on (mutmut's MUTANT_UNDER_TEST) and prints each verdict.
+#
+#   bench/mutmut_subset.sh -k DIR PRESET ...; bench/mutmut_recheck.sh DIR [PYTHON]
+set -euo pipefail
+{
+dir=$(cd "$1" && pwd)
+python="${2:-$(git rev-parse --show-toplevel)/.venv/bin/python}"
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+cd "$dir"
+read -r -a tests <<< "$("$python" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]))')"
+export OMP_NUM_THREADS=1 RECARE_TEST_MODELS="$dir/.test-cache/models"
+run_tests() {
+    (cd mutants && MUTANT_UNDER_TEST="$1" timeout 900 nice -n 15 "$python" -m pytest -x -q -p no:cacheprovider \
+        "${tests[@]}" > /dev/null 2>&1)
+}
+if ! run_tests ""; then  # no mutant: the selection must pass, or every verdict below would read "killed"
+    echo "the tests fail in $dir/mutants without a mutant; rerun there with pytest to see why" >&2
+    exit 1
+fi
+for name in $("$python" -m mutmut results | awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}'); do
+    if run_tests "$name"; then
+        echo "$name: survived"
+    else
+        echo "$name: killed"
+    fi
+done
+exit
+}
