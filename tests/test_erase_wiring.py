@@ -227,6 +227,29 @@ def test_outputs_hold_the_final_weights_the_learned_tokens_and_the_record(wired,
     assert (entry["method"], entry["model"], entry["run_hash"]) == ("recare", "tiny-random", manifest["run_hash"])
 
 
+def test_the_manifest_records_the_run_exactly(wired, inputs):  # noqa: F811
+    from recare_cli.erase.request import input_hashes, parameters, run_hash, with_method_defaults
+    from recare_cli.manifest import WRITTEN_BY
+    from recare_cli.models import Runtime, library_versions
+    from recare_cli.presets import plan_concept
+
+    out, _, result, _ = wired
+    manifest = json.loads((out / "recare-run.json").read_text())
+    request = with_method_defaults(_request(inputs, out, command="recare erase --concept nudity"))
+    runtime = Runtime("tiny-random", device="cpu")
+    model, hashes = runtime.resolve().describe(), input_hashes(request)
+    digest = run_hash(request, model, runtime.dtype, hashes)
+    seed = request.seed
+    assert {k: v for k, v in manifest.items() if k != "outputs"} == json.loads(json.dumps({
+        "command": "recare erase --concept nudity", "method": "recare", "concepts": ["nudity"],
+        "type": plan_concept("nudity").concept_type, "model": model, "dtype": runtime.dtype,
+        "parameters": parameters(request), "seeds": {"python": seed, "numpy": seed, "torch": seed, "images": seed},
+        "versions": library_versions(), "inputs": hashes, "run_hash": digest, "cache_name": f"nudity-{digest}",
+        "status": "complete", "stages": result.stages, WRITTEN_BY: {"command": "erase", "run": digest},
+    }, default=str))  # paths as the manifest writes them
+    assert result.cache_name == f"nudity-{digest}" and out == result.run_dir
+
+
 def test_each_stage_is_timed_counted_and_reported(wired):
     _, spy, result, events = wired
     names = ["erase-0", "inversion-0", "erase-1", "inversion-1", "robust"]
@@ -347,6 +370,27 @@ def test_a_reused_stage_is_recorded_even_without_its_old_timing_and_moves_the_ba
                                                    "reused": False}}
     assert events == ["stage_reused", "stage_reused", "stage_start", "stage_end"]
     assert tasks["stages"].completed == 3  # one step of the outer bar per stage, reused or run
+
+
+def test_a_careset_keyed_for_another_concept_is_named_before_anything_loads(inputs, tmp_path, monkeypatch):  # noqa: F811
+    from recare_cli.erase import run
+    from recare_cli.models import Runtime
+    from recare_cli.output import JSON, Reporter
+
+    foreign = tmp_path / "star careset.json"
+    foreign.write_text(json.dumps({k.replace("nudity", "star"): v for k, v in CARESET.items()}))
+
+    def load_models(*args):
+        raise KeyboardInterrupt  # stop where the model would load: the warning must come first
+
+    monkeypatch.setattr(run, "_load_models", load_models)
+    stderr = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        run.run_erase(_request(inputs, tmp_path / "run", careset=foreign), Runtime("tiny-random", device="cpu"),
+                      Reporter(JSON, stdout=io.StringIO(), stderr=stderr))
+    assert " ".join(stderr.getvalue().split()) == (
+        f"Warning: --careset '{foreign}' is keyed 'star_care_word', not for nudity "
+        "(expected 'nudity_care_word'); is it the right file?")
 
 
 def test_stage_names_follow_the_method_and_the_missing_inputs():
