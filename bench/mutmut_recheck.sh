@@ -7,14 +7,20 @@
 # which checks the fixture's results, would have failed it. This script runs every test file of the
 # selection with the mutant switched on (mutmut's MUTANT_UNDER_TEST) and prints each verdict.
 #
-#   bench/mutmut_subset.sh -k DIR PRESET ...; bench/mutmut_recheck.sh DIR [PYTHON]
+#   bench/mutmut_subset.sh -k DIR PRESET ...; bench/mutmut_recheck.sh DIR [TESTFILE...]
+# TESTFILEs (default: the preset's whole selection) narrow the rerun, e.g. to the file holding the
+# module-scoped fixture. PYTHON overrides the interpreter (default .venv/bin/python).
 set -euo pipefail
 {
 dir=$(cd "$1" && pwd)
-python="${2:-$(git rev-parse --show-toplevel)/.venv/bin/python}"
+shift
+python="${PYTHON:-$(git rev-parse --show-toplevel)/.venv/bin/python}"
 python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 cd "$dir"
-read -r -a tests <<< "$("$python" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]))')"
+tests=("$@")
+if [ ${#tests[@]} -eq 0 ]; then
+    read -r -a tests <<< "$("$python" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]))')"
+fi
 export OMP_NUM_THREADS=1 RECARE_TEST_MODELS="$dir/.test-cache/models"
 run_tests() {
     (cd mutants && MUTANT_UNDER_TEST="$1" timeout 900 nice -n 15 "$python" -m pytest -x -q -p no:cacheprovider \
