@@ -232,6 +232,14 @@ def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model)
     a, b = load_file(str(by_set / "unet.safetensors")), load_file(str(by_hand / "unet.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (by_set / "careset.json").is_file()
+    # words given beside `careset` are kept too
+    with_word, with_word_by_hand = tmp_path / "set+tree", tmp_path / "hand+tree"
+    assert run_cli(*_uce_args(with_word, "--preserve", "tree", "--preserve", "careset", "--careset", careset,
+                              model=model)).exit_code == 0
+    assert run_cli(*_uce_args(with_word_by_hand, "--preserve", "tree", "--preserve", "man", "--preserve", "woman",
+                              "--preserve", "beach", model=model)).exit_code == 0
+    c, d = load_file(str(with_word / "unet.safetensors")), load_file(str(with_word_by_hand / "unet.safetensors"))
+    assert all(torch.equal(c[k], d[k]) for k in c) and not all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize("extra,message,hint", [
