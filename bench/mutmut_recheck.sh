@@ -9,7 +9,8 @@
 #
 #   bench/mutmut_subset.sh -k DIR PRESET ...; bench/mutmut_recheck.sh DIR [TESTFILE...]
 # TESTFILEs (default: the preset's whole selection) narrow the rerun, e.g. to the file holding the
-# module-scoped fixture. PYTHON overrides the interpreter (default .venv/bin/python).
+# module-scoped fixture. PYTHON overrides the interpreter (default .venv/bin/python); JOBS the
+# number of survivors rerun at once (default 2).
 set -euo pipefail
 {
 dir=$(cd "$1" && pwd)
@@ -30,12 +31,13 @@ if ! run_tests ""; then  # no mutant: the selection must pass, or every verdict 
     echo "the tests fail in $dir/mutants without a mutant; rerun there with pytest to see why" >&2
     exit 1
 fi
-for name in $("$python" -m mutmut results | awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}'); do
-    if run_tests "$name"; then
-        echo "$name: survived"
-    else
-        echo "$name: killed"
-    fi
-done
+recheck() {
+    if run_tests "$1"; then echo "$1: survived"; else echo "$1: killed"; fi
+}
+export -f run_tests recheck
+export python
+export TESTS="${tests[*]}"
+"$python" -m mutmut results | awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}' |
+    xargs -P "${JOBS:-2}" -I{} bash -c 'read -r -a tests <<< "$TESTS"; recheck "$1"' _ {}
 exit
 }

@@ -421,13 +421,21 @@ def test_an_output_dir_is_resumed_only_when_it_holds_the_same_run(tmp_path):
     record = Writer("erase", "abc").stamp({"run_hash": "abc", "method": "recare", "stages": {"erase-0": {}}})
     (folder / RUN_RECORD).write_text(json.dumps(record))
     assert _previous_manifest(folder, "abc") == record
-    with pytest.raises(UsageError, match="different settings.*abc.*now def"):
+    with pytest.raises(UsageError) as caught:
         _previous_manifest(folder, "def")
+    assert caught.value.message == f"'{folder}' holds a run with different settings (run hash abc, now def)"
+    assert caught.value.hint == "rerun with the same settings to resume it, or choose another --output-dir"
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not empty and holds no erase run"):
+    with pytest.raises(UsageError) as caught:
+        _previous_manifest(other, "abc")
+    assert caught.value.message == f"--output-dir '{other}' is not empty and holds no erase run"
+    assert caught.value.hint == "choose an empty or new folder"
+    (other / "notes.txt").unlink()
+    (other / RUN_RECORD).write_text("{torn")  # a manifest that cannot be read is no run to resume
+    with pytest.raises(UsageError, match="holds recare-run.json written by another program"):
         _previous_manifest(other, "abc")
 
 

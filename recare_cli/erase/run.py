@@ -27,7 +27,7 @@ from recare_cli.erase.request import (
     CARESET_PRESERVE, EraseRequest, check_request, erase_from_prompts, input_hashes, parameters, run_hash,
     uses_careset, with_method_defaults,
 )
-from recare_cli.errors import Interrupted, RecareError, UsageError
+from recare_cli.errors import Interrupted, UsageError
 from recare_cli.fsutil import atomic_path, ensure_writable_dir, read_safetensors, write_json, write_safetensors
 from recare_cli.manifest import RUN_RECORD as MANIFEST
 from recare_cli.manifest import Writer, claim
@@ -188,11 +188,8 @@ def _previous_manifest(run_dir: Path, digest: str) -> dict:
             raise UsageError(f"--output-dir '{run_dir}' is not empty and holds no erase run",
                              hint="choose an empty or new folder")
         return {}
-    claim(run_dir, Writer("erase"))  # another command's folder; another erase run is told apart below
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RecareError(f"'{path}' is not a valid run manifest", hint="choose another --output-dir") from None
+    claim(run_dir, Writer("erase"))  # refuses a manifest it cannot read, or another command's
+    previous = json.loads(path.read_text(encoding="utf-8"))
     if previous.get("run_hash") != digest:
         raise UsageError(
             f"'{run_dir}' holds a run with different settings (run hash {previous.get('run_hash')}, now {digest})",
