@@ -338,6 +338,25 @@ def test_esd_gets_its_settings_concepts_and_erase_from_prompts(inputs, tmp_path,
     assert same_tensors(load(out / "unet.safetensors"), erased) and again.stages["esd"]["reused"] is True
 
 
+def test_while_it_runs_the_manifest_says_running_and_holds_each_finished_stage(inputs, tmp_path, monkeypatch):  # noqa: F811
+    from recare_cli.erase import esd, run
+
+    out = tmp_path / "run"
+    seen = []
+
+    def read():
+        seen.append(json.loads((out / "recare-run.json").read_text()))
+
+    real_stage, real_outputs = esd.esd_stage, run._write_outputs
+    monkeypatch.setattr(esd, "esd_stage", lambda *args: (read(), real_stage(*args))[1])
+    monkeypatch.setattr(run, "_write_outputs", lambda *args: (read(), real_outputs(*args))[1])
+    result, _ = _run(_request(inputs, out, method="esd", images=None, careset=None))
+    at_start, before_outputs = seen
+    assert (at_start["status"], at_start["stages"]) == ("running", {}) and result.cache_name.endswith(at_start["run_hash"])
+    assert before_outputs["status"] == "running" and before_outputs["stages"] == {"esd": result.stages["esd"]}
+    assert json.loads((out / "recare-run.json").read_text())["status"] == "complete"
+
+
 def test_a_reused_stage_is_recorded_even_without_its_old_timing_and_moves_the_bar_once():
     from types import SimpleNamespace
 
