@@ -10,7 +10,8 @@
 #   bench/mutmut_subset.sh -k DIR PRESET ...; bench/mutmut_recheck.sh DIR [TESTFILE...]
 # TESTFILEs (default: the preset's whole selection) narrow the rerun, e.g. to the file holding the
 # module-scoped fixture. PYTHON overrides the interpreter (default .venv/bin/python); JOBS the
-# number of survivors rerun at once (default 2).
+# number of survivors rerun at once (default 2); SURVIVORS a file of `NAME: survived` lines (this
+# script's own output) to recheck instead of mutmut's list, e.g. against other test files.
 set -euo pipefail
 {
 dir=$(cd "$1" && pwd)
@@ -37,7 +38,8 @@ recheck() {
 export -f run_tests recheck
 export python
 export TESTS="${tests[*]}"
-"$python" -m mutmut results | awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}' |
+if [ -n "${SURVIVORS:-}" ]; then cat "$SURVIVORS"; else "$python" -m mutmut results; fi |
+    awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}' |
     xargs -P "${JOBS:-2}" -I{} bash -c 'read -r -a tests <<< "$TESTS"; recheck "$1"' _ {}
 exit
 }
