@@ -166,8 +166,9 @@ def test_initializer_must_be_one_token_and_the_error_shows_the_pieces(models):
     from recare_cli.errors import UsageError
 
     assert models.tokenizer.convert_ids_to_tokens([initializer_id(models.tokenizer, "person")])[0].startswith("person")
-    with pytest.raises(UsageError, match=r"'a person' is 2 tokens for this tokenizer \(a</w> person</w>\), not one"):
+    with pytest.raises(UsageError, match=r"'a person' is 2 tokens for this tokenizer \(a</w> person</w>\), not one") as caught:
         initializer_id(models.tokenizer, "a person")
+    assert caught.value.hint == "pick a single common word such as person, art or object"
     with pytest.raises(UsageError, match=r"'' is 0 tokens for this tokenizer \(none\)"):
         initializer_id(models.tokenizer, "")
 
@@ -206,8 +207,9 @@ def test_add_token_refuses_tokenizers_that_give_it_different_ids(models):
     models.tokenizer_2.add_tokens(["token_onlyhere"])  # the second vocabulary is one longer
     width = models.text_encoder.get_input_embeddings().weight.shape[1]
     first = len(models.tokenizer)
-    with pytest.raises(RecareError, match=rf"token 'token_abcdefgh' got different ids .*\[{first}, {first + 1}\]"):
+    with pytest.raises(RecareError, match=rf"token 'token_abcdefgh' got different ids .*\[{first}, {first + 1}\]") as caught:
         add_token(models, "token_abcdefgh", torch.zeros(2 * width))
+    assert caught.value.hint == "the tokenizers of this model do not share one vocabulary"
 
 
 def test_round_subset_takes_consecutive_chunks_and_wraps():
