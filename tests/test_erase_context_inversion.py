@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from stage_spies import RecordingLoop
 
 
@@ -222,9 +224,6 @@ def test_round_subset_takes_consecutive_chunks_and_wraps():
 
 def _bands(path: Path, shape: tuple[int, int], axis: int) -> None:
     """An image in three bands (red, green, blue) along `axis` (1: left to right, 0: top to bottom)."""
-    import numpy as np
-    from PIL import Image
-
     array = np.zeros((*shape, 3), dtype=np.uint8)
     third = shape[axis] // 3
     for channel in range(3):
@@ -247,6 +246,29 @@ def test_load_pixels_crops_the_centre_resizes_and_maps_to_minus_one_one(tmp_path
     first, last = (whole[:, :, 0], whole[:, :, -1]) if axis == 1 else (whole[:, 0], whole[:, -1])
     assert torch.allclose(first[0], torch.ones(9), atol=0.05) and torch.allclose(last[2], torch.ones(9), atol=0.05)
     assert whole.min() >= -1.05 and whole.max() <= 1.05
+
+
+@pytest.mark.parametrize("size", [(11, 8), (8, 11)])
+def test_load_pixels_centres_an_odd_margin_as_diffusers_does(tmp_path, size):
+    from recare_cli.erase.inversion import load_pixels
+
+    width, height = size
+    index = np.arange(max(size)) * 20  # red = 20 × the column (or row) number
+    red = np.broadcast_to(index[None, :width] if width > height else index[:height, None], (height, width))
+    Image.fromarray(np.stack([red, np.zeros_like(red), np.zeros_like(red)], -1).astype(np.uint8)).save(tmp_path / "odd.png")
+    first = load_pixels(tmp_path / "odd.png", 8, center_crop=True)[0]
+    kept = first[0] if width > height else first[:, 0]  # margin 3: one column (row) cut before, two after
+    assert torch.allclose(kept, torch.tensor(index[1:9] / 127.5 - 1, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("mode,fill", [("L", 255), ("RGBA", (0, 255, 0, 128))])
+def test_load_pixels_makes_every_image_three_rgb_channels(tmp_path, mode, fill):
+    from recare_cli.erase.inversion import load_pixels
+
+    Image.new(mode, (6, 6), fill).save(tmp_path / "image.png")
+    pixels = load_pixels(tmp_path / "image.png", 4, center_crop=False)
+    expected = [1.0, 1.0, 1.0] if mode == "L" else [-1.0, 1.0, -1.0]  # alpha dropped, not blended
+    assert pixels.shape == (3, 4, 4) and torch.equal(pixels, torch.tensor(expected).view(3, 1, 1).expand(3, 4, 4))
 
 
 def test_load_pixels_names_an_unreadable_image(tmp_path):
