@@ -249,7 +249,7 @@ def test_load_pixels_crops_the_centre_resizes_and_maps_to_minus_one_one(tmp_path
 
 
 @pytest.mark.parametrize("size", [(11, 8), (8, 11)])
-def test_load_pixels_centres_an_odd_margin_as_diffusers_does(tmp_path, size):
+def test_load_pixels_cuts_the_extra_pixel_of_an_odd_margin_after_the_image(tmp_path, size):
     from recare_cli.erase.inversion import load_pixels
 
     width, height = size
