@@ -24,9 +24,11 @@ if [ ${#tests[@]} -eq 0 ]; then
     read -r -a tests <<< "$("$python" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]))')"
 fi
 export OMP_NUM_THREADS=1 RECARE_TEST_MODELS="$dir/.test-cache/models"
-run_tests() {
+export python TESTS="${tests[*]}"
+run_tests() {  # $TESTS is split on spaces: test paths hold none
+    # shellcheck disable=SC2086
     (cd mutants && MUTANT_UNDER_TEST="$1" timeout 900 nice -n 15 "$python" -m pytest -x -q -p no:cacheprovider \
-        "${tests[@]}" > /dev/null 2>&1)
+        $TESTS > /dev/null 2>&1)
 }
 if ! run_tests ""; then  # no mutant: the selection must pass, or every verdict below would read "killed"
     echo "the tests fail in $dir/mutants without a mutant; rerun there with pytest to see why" >&2
@@ -36,10 +38,8 @@ recheck() {
     if run_tests "$1"; then echo "$1: survived"; else echo "$1: killed"; fi
 }
 export -f run_tests recheck
-export python
-export TESTS="${tests[*]}"
 if [ -n "${SURVIVORS:-}" ]; then cat "$SURVIVORS"; else "$python" -m mutmut results; fi |
     awk -F': ' '$2 == "survived" {gsub(/ /, "", $1); print $1}' |
-    xargs -P "${JOBS:-2}" -I{} bash -c 'read -r -a tests <<< "$TESTS"; recheck "$1"' _ {}
+    xargs -P "${JOBS:-2}" -I{} bash -c 'recheck "$1"' _ {}
 exit
 }

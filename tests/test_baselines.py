@@ -260,7 +260,7 @@ def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message, 
 
 def test_uce_scales_of_zero_are_allowed():
     """A scale of 0 switches its term off (the published code allows it); only negative ones are refused."""
-    from recare_cli.erase.run import EraseRequest
+    from recare_cli.erase.request import EraseRequest
     from recare_cli.erase.uce import check_uce_request
 
     check_uce_request(EraseRequest(concepts=["x"], method="uce", uce_erase_scale=0.0, uce_preserve_scale=0.0))

@@ -123,7 +123,6 @@ def test_fewer_prefix_steps_end_at_the_same_noise_level(times, k):
     assert coarse == sorted(coarse, reverse=True)
 
 
-
 def _ddim(tiny_pipe, **config):
     from diffusers import DDIMScheduler
 
