@@ -5,11 +5,14 @@ learning rate (1e-4, 2e-4) times its iterations (100, 200, 300: the periodic che
 300-iteration run) is measured as bench/toy_frontier.py measures (its prompts, its summary, its
 goals), with more images per prompt. Stage 1, the inversions, the images and the CARE set of a
 seed are trained once (the frontier's default runs where they exist) and shared by its robust
-runs, as in bench/toy_lr_sweep.py. Everything is kept under --runs and reused, so it resumes:
+runs, as in bench/toy_lr_sweep.py. `--num-images` adds other training-image counts at the default
+rate (each a new run per seed and variant, its first erase taken from the seed's own run, which no
+image reaches). Everything is kept under --runs and reused, so it resumes:
 
     python bench/toy_defaults_sweep.py --phase train            # one process: the runs in order
     python bench/toy_defaults_sweep.py --phase measure --until 15:10   # beside it: measures what is trained
     python bench/toy_defaults_sweep.py --phase report           # per setting: every seed, and the goals
+    python bench/toy_defaults_sweep.py --phase train --num-images 64,128,32   # and the same for measure/report
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ SEEDS = (42, 43, 44)
 LRS = (1e-4, 2e-4)
 CHECKPOINTS = (100, 200, 300)
 DEFAULT_LR = 1e-4
+DEFAULT_IMAGES = 64  # the toy's num_images; other counts are swept at the default rate only
 
 
 def base_run(variant: str, seed: int) -> str:
@@ -43,7 +47,11 @@ def robust_run(runs: Path, variant: str, seed: int, lr: float) -> str:
     return f"sweep-{variant}-s{seed}-lr{lr:g}"
 
 
-def train_all(runs: Path, reporter) -> None:
+def images_run(variant: str, seed: int, count: int) -> str:
+    return f"img{count}-{variant}-s{seed}"
+
+
+def train_all(runs: Path, reporter, counts: list[int]) -> None:
     # Cheapest first: the robust-only runs of the seeds already trained, then the new seed.
     for seed in SEEDS:
         for variant, settings in VARIANTS.items():
@@ -52,17 +60,30 @@ def train_all(runs: Path, reporter) -> None:
                 name = robust_run(runs, variant, seed, lr)
                 if name != base_run(variant, seed):
                     tf.train(name, {}, runs, reporter, snapshot_stage="robust", robust_from=base_run(variant, seed), robust_lr=lr)
+    # Another image count changes the images, the CARE set and everything trained on them; the
+    # first erase reads none of these and is taken from the seed's own run.
+    for count in (c for c in counts if c != DEFAULT_IMAGES):
+        for seed in SEEDS:
+            for variant, settings in VARIANTS.items():
+                tf.train(images_run(variant, seed, count), settings | {"seed": seed, "num_images": count}, runs, reporter,
+                         snapshot_stage="robust", stage1_from=base_run(variant, seed))
 
 
-def models(runs: Path) -> list[dict]:
+def models(runs: Path, counts: list[int]) -> list[dict]:
     """Every setting's model, in the order they are measured: defaults (300 it., 1e-4) first."""
     out = [{"name": "base", "run": None}]
-    order = sorted(((v, s, lr, it) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS),
-                   key=lambda k: (k[2] != DEFAULT_LR or k[3] != 300, k[1], k[2], -k[3]))
-    for variant, seed, lr, it in order:
-        run = runs / robust_run(runs, variant, seed, lr)
-        out.append({"name": f"{variant}-s{seed}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr,
-                    "iterations": it, "run": run, "tokens": runs / base_run(variant, seed),
+    settings = [(v, s, lr, it, DEFAULT_IMAGES) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS]
+    settings += [(v, s, DEFAULT_LR, it, n) for n in counts if n != DEFAULT_IMAGES
+                 for v in VARIANTS for s in SEEDS for it in CHECKPOINTS]
+    order = sorted(settings, key=lambda k: (k[2] != DEFAULT_LR or k[3] != 300, k[4], k[1], k[2], -k[3]))
+    for variant, seed, lr, it, count in order:
+        if count == DEFAULT_IMAGES:
+            run, tokens, name = runs / robust_run(runs, variant, seed, lr), runs / base_run(variant, seed), f"{variant}-s{seed}"
+        else:
+            run = tokens = runs / images_run(variant, seed, count)
+            name = f"{variant}-s{seed}-img{count}"
+        out.append({"name": f"{name}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr, "images": count,
+                    "iterations": it, "run": run, "tokens": tokens,
                     "snapshot": None if it == 300 else run / "snapshots" / f"robust-{it}.safetensors"})
     return out
 
@@ -75,7 +96,7 @@ def measure_all(args, reporter) -> None:
         if tf.past(args.until):
             return
         # A snapshot exists mid-run; its tokens and CARE set only once the seed's own run is complete.
-        ready = [m for m in models(args.runs) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
+        ready = [m for m in models(args.runs, args.num_images) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
             if not tf.wait_or_stop(args.until):
@@ -103,12 +124,12 @@ def goals(point: dict) -> dict[str, bool]:
 def report(args) -> str:
     out = args.runs / "sweep-measurements"
     entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
-               for m in models(args.runs) if (out / f"{m['name']}.json").is_file()}
+               for m in models(args.runs, args.num_images) if (out / f"{m['name']}.json").is_file()}
     base = entries.pop("base")[1]
     rows = {}
     for name, (model, entry) in entries.items():
         point = tf.summarise(entry, base, entry["care"])
-        rows.setdefault((model["variant"], model["lr"], model["iterations"]), []).append((model["seed"], point))
+        rows.setdefault((model["variant"], model["images"], model["lr"], model["iterations"]), []).append((model["seed"], point))
 
     def pair(v):
         return "–" if v is None else f"{v[0]:.0f}% ({v[1]:.0f}%)"
@@ -116,26 +137,26 @@ def report(args) -> str:
     lines = [f"{args.samples} images per prompt, {args.steps} DDIM steps, guidance {args.guidance}. "
              "Kept: sum of rates over the base's (lowest single prompt). Goals met: of the four goals of "
              "docs/frontier.md, per seed.", "",
-             "| variant | stage-2 lr | robust it. | seed | target common | target rare | CARE kept | unrelated kept | "
-             "night (own) | night (with star) | goals met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | images | stage-2 lr | robust it. | seed | target common | target rare | CARE kept | unrelated kept | "
+             "night (own) | night (with star) | goals met |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
-    for (variant, lr, it), points in sorted(rows.items()):
+    for (variant, count, lr, it), points in sorted(rows.items()):
         met_all = 0
         for seed, p in sorted(points):
             met = goals(p)
             met_all += all(met.values())
-            label = "**" if (lr == DEFAULT_LR and it == 300) else ""
-            lines.append(f"| {variant} | {label}{lr:g}{label} | {label}{it}{label} | {seed} | {p['target_common']:.0f}% | "
+            label = "**" if (lr == DEFAULT_LR and it == 300 and count == DEFAULT_IMAGES) else ""
+            lines.append(f"| {variant} | {label}{count}{label} | {label}{lr:g}{label} | {label}{it}{label} | {seed} | {p['target_common']:.0f}% | "
                          f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['unrelated_kept'])} | "
                          f"{pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
                          f"{sum(met.values())}/4 |")
         mean = {k: sum(p[k][0] if isinstance(p[k], list) else p[k] for _, p in points) / len(points)
                 for k in ("target_common", "target_rare", "care_kept", "unrelated_kept")}
-        summary.append(f"| {variant} | {lr:g} | {it} | {len(points)} | {mean['target_common']:.0f}% | {mean['target_rare']:.0f}% | "
+        summary.append(f"| {variant} | {count} | {lr:g} | {it} | {len(points)} | {mean['target_common']:.0f}% | {mean['target_rare']:.0f}% | "
                        f"{mean['care_kept']:.0f}% | {mean['unrelated_kept']:.0f}% | {met_all} of {len(points)} |")
     lines += ["", "Means over the seeds measured:", "",
-              "| variant | stage-2 lr | robust it. | seeds | target common | target rare | CARE kept | unrelated kept | "
-              "seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|"] + summary
+              "| variant | images | stage-2 lr | robust it. | seeds | target common | target rare | CARE kept | unrelated kept | "
+              "seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|---|"] + summary
     return "\n".join(lines)
 
 
@@ -146,8 +167,11 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="images per prompt (the frontier: 4)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--num-images", default=str(DEFAULT_IMAGES),
+                        help="comma-separated training-image counts (the toy default: 64); others at the default rate")
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
     args = parser.parse_args(argv)
+    args.num_images = [int(n) for n in args.num_images.split(",")]
     import torch
 
     from recare_cli.output import HUMAN, Reporter
@@ -156,7 +180,7 @@ def main(argv=None) -> int:
     reporter = Reporter(HUMAN)
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.phase == "train":
-        train_all(args.runs, reporter)
+        train_all(args.runs, reporter, args.num_images)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":

@@ -67,8 +67,26 @@ def finished(run_dir: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
 
 
+def seed_stage1(request, reference: Path, runtime) -> None:
+    """Start `request`'s run directory with the reference run's first erase, which no image or CARE
+    set reaches (round 0 erases the concept words), so a run that differs only there can skip it."""
+    from recare_cli.erase.inputs import STAGES_DIR
+    from recare_cli.erase.request import with_method_defaults
+    from recare_cli.erase.run import MANIFEST, input_hashes, run_hash
+
+    stage = "erase-0"
+    out = request.output_dir
+    request = with_method_defaults(request)  # as run_erase hashes it
+    (out / STAGES_DIR).mkdir(parents=True)
+    shutil.copy2(reference / STAGES_DIR / f"{stage}.safetensors", out / STAGES_DIR / f"{stage}.safetensors")
+    record = json.loads((reference / MANIFEST).read_text())["stages"][stage]
+    digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
+    (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "method": request.method, "stages": {stage: record}}))
+
+
 def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str | None = None,
-          checkpoint_every: int = 100, robust_from: str | None = None, robust_lr: float | None = None):
+          checkpoint_every: int = 100, robust_from: str | None = None, robust_lr: float | None = None,
+          stage1_from: str | None = None):
     from recare_cli.erase.run import EraseRequest, run_erase
     from recare_cli.models import Runtime
     from recare_cli.presets import with_model_defaults
@@ -98,6 +116,8 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
     else:
         request = with_model_defaults(EraseRequest(concepts=[CONCEPT], output_dir=run_dir, checkpoint_every=checkpoint_every,
                                                    **settings), "toy", set(settings))
+        if stage1_from is not None and not run_dir.exists():
+            seed_stage1(request, runs / stage1_from, runtime)
     wrapped = SnapshotReporter(reporter, run_dir, snapshot_stage) if snapshot_stage else reporter
     started = time.perf_counter()
     run_erase(request, runtime, wrapped)
