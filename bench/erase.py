@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     prefixes = [int(p) for p in args.prefix_steps.split(",")]
 
-    from recare_cli.models import quiet_libraries
+    from recare_cli.output import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="recare-bench-") as tmp:

@@ -37,9 +37,9 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from recare_cli.export import TOLERANCE, max_abs_diff, unet_probe
-    from recare_cli.models import _package_config
+    from recare_cli.models.builtin import package_config
 
-    config = _package_config("tiny-random")["unet"] if args.tiny else sd14_unet_config()
+    config = package_config("tiny-random")["unet"] if args.tiny else sd14_unet_config()
     worst = {"fp16": 0.0, "bf16": 0.0}
     for seed in range(args.seeds):
         torch.manual_seed(seed)

@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     from recare_cli.erase.context import EraseModels
     from recare_cli.erase.loop import StageLoop
     from recare_cli.erase.params import select_trainable
-    from recare_cli.models import Runtime, quiet_libraries
+    from recare_cli.models import Runtime
+    from recare_cli.output import quiet_libraries
 
     quiet_libraries()
     pipe, _, _ = Runtime("tiny-random", device="cpu", offline=True).pipeline()

@@ -276,7 +276,8 @@ def replay(cache_dir: Path | None = None) -> tuple[float, Clock]:
     """Run the reference's structure once; (wall seconds, per-stage clock)."""
     import torch
 
-    from recare_cli.models import builtin_path, quiet_libraries
+    from recare_cli.models import builtin_path
+    from recare_cli.output import quiet_libraries
 
     quiet_libraries()
     folder = builtin_path("tiny-random", cache_dir)  # built on first use: not part of the timing

@@ -342,7 +342,7 @@ def test_bad_embeddings_files_are_one_line_usage_errors(tmp_path, run_cli, monke
     }
     named["NOT_SAFETENSORS"].write_text("not a tensor file")
     if not loads:
-        monkeypatch.setattr(model_loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+        monkeypatch.setattr(model_loading.runtime, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     args = [a for key in files for a in ("--embeddings", named[key])]
     result = run_cli("generate", *TINY, *FAST, "-p", "a cat", *args, "--output-dir", tmp_path / "out")
     assert result.exit_code == 2, result.stderr

@@ -62,12 +62,12 @@ def one_error_line(stderr: str) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any pipeline load fails the test: the checks must come before it."""
-    from recare_cli import models
+    from recare_cli.models import runtime
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(models, "load_pipeline", refuse)
+    monkeypatch.setattr(runtime, "load_pipeline", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -255,7 +255,7 @@ def test_generate_draws_at_the_models_default_size_with_diffusers_size_condition
             lambda module, a, kw: time_ids.append(kw["added_cond_kwargs"]["time_ids"].tolist()), with_kwargs=True)
         return pipe
 
-    monkeypatch.setattr(model_loading, "load_pipeline", load_and_watch)
+    monkeypatch.setattr(model_loading.runtime, "load_pipeline", load_and_watch)  # where Runtime.pipeline finds it
     result = run_cli("generate", "--model", "tiny-random-xl", "--device", "cpu", "--steps", "1", "-p", "a cat",
                      "--quiet", "--output-dir", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
