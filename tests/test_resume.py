@@ -68,15 +68,15 @@ def _interrupt_after_first_image(monkeypatch):
 
 
 def _interrupt_in_careset(monkeypatch):
-    from recare_cli import careset
+    from recare_cli.careset import build
 
-    real = careset.select_tokens
+    real = build.select_tokens
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # CLIP loaded, images embedded, nothing of the CARE set written
 
-    monkeypatch.setattr(careset, "select_tokens", stop)
-    return lambda: monkeypatch.setattr(careset, "select_tokens", real)
+    monkeypatch.setattr(build, "select_tokens", stop)
+    return lambda: monkeypatch.setattr(build, "select_tokens", real)
 
 
 @pytest.mark.parametrize("stage", ["images", "careset"])
