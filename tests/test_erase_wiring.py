@@ -412,6 +412,75 @@ def test_a_careset_keyed_for_another_concept_is_named_before_anything_loads(inpu
         "(expected 'nudity_care_word'); is it the right file?")
 
 
+# (method, --preserve, --images given, --careset given) -> (images read, CARE set built, stage names before training)
+INPUT_CASES = {
+    "recare from nothing": ("recare", [], False, False, True, True, ["images", "careset"]),
+    "recare with images": ("recare", [], True, False, True, True, ["careset"]),
+    "recare with a CARE set": ("recare", [], False, True, True, False, ["images"]),  # the inversion needs images
+    "recare with both": ("recare", [], True, True, True, False, []),
+    "uce --preserve careset from nothing": ("uce", ["careset"], False, False, True, True, ["images", "careset"]),
+    "uce --preserve careset with a CARE set": ("uce", ["careset"], False, True, False, False, []),
+    "uce with images": ("uce", ["person"], True, False, False, False, []),  # plain UCE reads no image
+    "esd": ("esd", [], False, False, False, False, []),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_CASES)
+def test_each_method_gets_exactly_the_inputs_it_lacks_and_reads(inputs, tmp_path, monkeypatch, case):  # noqa: F811
+    """Which of the images and the CARE set a run builds, from what, and what reaches the method:
+    the real run_erase with the builders and the method stubbed, recording their arguments."""
+    from recare_cli.erase import run
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.erase.inputs import read_careset_file
+    from recare_cli.models import Runtime
+    from recare_cli.output import JSON, Reporter
+
+    method, preserve, with_images, with_careset, reads_images, builds, input_stages = INPUT_CASES[case]
+    runtime, reporter = Runtime("tiny-random", device="cpu"), Reporter(JSON, stdout=io.StringIO())
+    models = EraseModels.load(runtime)
+    images_dirs, built = {"nudity": tmp_path / "images-found"}, object()
+    calls: dict[str, tuple] = {}
+
+    def recorder(name, returns):
+        def record(*args):
+            calls[name] = args
+            return returns
+        return record
+
+    monkeypatch.setattr(run, "_load_models", lambda *args: models)
+    monkeypatch.setattr(run, "training_images", recorder("images", images_dirs))
+    monkeypatch.setattr(run, "build_careset_for", recorder("careset", built))
+    monkeypatch.setattr(run, "write_careset", recorder("write", None))
+    monkeypatch.setattr(run, "_train", recorder("train", [("token_x", None)]))
+    monkeypatch.setattr(run, "_edit_uce", recorder("uce", []))
+    monkeypatch.setattr(run, "_write_outputs", recorder("outputs", tmp_path / "unet.safetensors"))
+    out = tmp_path / "run"
+    request = _request(inputs, out, method=method, preserve=preserve, images=inputs["images"] if with_images else None,
+                       careset=inputs["careset"] if with_careset else None)
+    result = run.run_erase(request, runtime, reporter)
+
+    request = run.with_method_defaults(request)  # what run_erase passes on
+    careset = read_careset_file(inputs["careset"]) if with_careset else (built if builds else None)
+    if method == "uce":
+        assert "train" not in calls and result.tokens == []
+        request_seen, plans, models_seen, stages, careset_seen = calls["uce"]
+    else:
+        assert "uce" not in calls and result.tokens == ["token_x"]
+        request_seen, plans, models_seen, images_seen, run_dir, stages, reporter_seen, careset_seen = calls["train"]
+        assert images_seen == (images_dirs if reads_images else {}) and (run_dir, reporter_seen) == (out, reporter)
+    assert (request_seen, models_seen, careset_seen) == (request, models, careset)
+    assert [p.concept for p in plans] == ["nudity"]
+    assert stages.names == run._stage_names(request, "images" in input_stages, "careset" in input_stages)
+
+    assert ("images" in calls) == reads_images and ("careset" in calls) == builds
+    if reads_images:
+        assert calls["images"] == (request, plans, out, runtime, models, stages, reporter)
+    if builds:
+        assert calls["careset"] == (request, plans, images_dirs, out, runtime, stages, reporter)
+    assert calls.get("write") == ((out, request, careset, plans) if careset is not None else None)
+    assert json.loads((out / "recare-run.json").read_text())["status"] == "complete"
+
+
 def test_stage_names_follow_the_method_and_the_missing_inputs():
     from recare_cli.erase.request import EraseRequest
     from recare_cli.erase.run import _stage_names
