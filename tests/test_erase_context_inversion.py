@@ -37,6 +37,19 @@ def test_models_load_in_fp32_and_dtype_only_picks_autocast(tiny_model, dtype, au
         torch.float32}
 
 
+def test_models_load_the_given_unet_weights(tiny_model, tiny_pipe, tmp_path):
+    """An attack on an erased model (`eval --unet … --attack`) loads it through EraseModels.load."""
+    from safetensors.torch import save_file
+
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.models import Runtime
+
+    erased = {k: v + 0.01 for k, v in tiny_pipe.unet.state_dict().items()}
+    save_file(erased, str(tmp_path / "erased.safetensors"))
+    models = EraseModels.load(Runtime("tiny-random", device="cpu"), str(tmp_path / "erased.safetensors"))
+    assert all(torch.equal(v, erased[k]) for k, v in models.unet.state_dict().items())
+
+
 def test_models_come_frozen_in_eval_mode_with_a_ddim_scheduler_and_a_forward_counter(models, tiny_pipe):
     from diffusers import DDIMScheduler
 
