@@ -9,7 +9,7 @@ from typing import Callable
 
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
 from recare_cli.evaluate import EvalContext, EvalImage, Row, open_rgb
-from recare_cli.models import torch_load_tensors
+from recare_cli.models.files import load_tensor_file
 
 BATCH_SIZE = 16
 
@@ -109,12 +109,7 @@ def read_state_dict(path: Path, what: str, flag: str) -> dict:
     import torch
 
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch_load_tensors(path, f"{flag} '{path}'")
+        state = load_tensor_file(path, f"{flag} '{path}'")
     except RecareError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable is a user error whatever the reason

@@ -79,3 +79,12 @@ def non_finite(tensors: dict) -> list[str]:
     import torch
 
     return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load_tensor_file(path: Path, described: str):
+    """A .safetensors file's tensors, or what a torch file holds if it is only tensors and plain containers."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch_load_tensors(path, described)

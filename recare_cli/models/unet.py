@@ -6,7 +6,7 @@ from pathlib import Path
 
 from recare_cli import cache
 from recare_cli.errors import RecareError, UsageError
-from recare_cli.models.files import check_safetensors, non_finite, torch_load_tensors
+from recare_cli.models.files import check_safetensors, load_tensor_file, non_finite
 
 TOKENS_FILE = "tokens.safetensors"  # an erase run's learned tokens, next to its unet.safetensors
 UNET_FILE = "unet.safetensors"  # what `recare erase` writes into its run directory
@@ -53,12 +53,7 @@ def read_unet_state_dict(path: Path) -> dict:
             from diffusers import UNet2DConditionModel
 
             return UNet2DConditionModel.from_pretrained(path).state_dict()
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch_load_tensors(path, f"'{path}'")
+        state = load_tensor_file(path, f"'{path}'")
     except RecareError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable weights are a user error, whatever the reason
