@@ -75,6 +75,10 @@ def test_erase_records_the_hub_model(erased_run):
     manifest = json.loads((erased_run / "recare-run.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["model"]["model"] == REPO_ID and manifest["model"]["revision"] == REVISION
+    from safetensors import safe_open
+
+    with safe_open(str(erased_run / "unet.safetensors"), framework="pt") as handle:  # what export reads back
+        assert (handle.metadata()["base_model"], handle.metadata()["base_revision"]) == (REPO_ID, REVISION)
 
 
 def test_eval(run_cli, erased_run, tmp_path):
