@@ -235,7 +235,8 @@ def test_rerun_of_a_finished_run_reuses_everything(run_cli, finished_run, inputs
     assert result.exit_code == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert not [e for e in events if e.get("event") == "stage_start"]
-    assert len([e for e in events if e.get("event") == "stage_reused"]) == 5
+    assert [e["stage"] for e in events if e.get("event") == "stage_reused"] == [
+        "erase-0", "inversion-0", "erase-1", "inversion-1", "robust"]
     assert same_tensors(before, load(out / "unet.safetensors"))
     assert events[-1]["tokens"] == lines[-1]["tokens"]
 
