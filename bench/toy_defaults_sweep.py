@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy_frontier as tf  # bench/, the script's own folder
 
-VARIANTS = {"p10": {"method": "recare", "prefix_steps": 10}, "exact": {"method": "recare"}}
+VARIANTS = {"p10": tf.RECARE | {"prefix_steps": 10}, "exact": tf.RECARE}
 SEEDS = (42, 43, 44)
 LRS = (1e-4, 2e-4)
 CHECKPOINTS = (100, 200, 300)
 DEFAULT_LR = 1e-4
-DEFAULT_IMAGES = 64  # the toy's num_images; other counts are swept at the default rate only
+BASE_IMAGES = tf.RECARE["num_images"]  # the seeds' own runs; other counts are swept at the default rate only
 
 
 def base_run(variant: str, seed: int) -> str:
@@ -62,7 +62,7 @@ def train_all(runs: Path, reporter, counts: list[int]) -> None:
                     tf.train(name, {}, runs, reporter, snapshot_stage="robust", robust_from=base_run(variant, seed), robust_lr=lr)
     # Another image count changes the images, the CARE set and everything trained on them; the
     # first erase reads none of these and is taken from the seed's own run.
-    for count in (c for c in counts if c != DEFAULT_IMAGES):
+    for count in (c for c in counts if c != BASE_IMAGES):
         for seed in SEEDS:
             for variant, settings in VARIANTS.items():
                 tf.train(images_run(variant, seed, count), settings | {"seed": seed, "num_images": count}, runs, reporter,
@@ -72,12 +72,12 @@ def train_all(runs: Path, reporter, counts: list[int]) -> None:
 def models(runs: Path, counts: list[int]) -> list[dict]:
     """Every setting's model, in the order they are measured: defaults (300 it., 1e-4) first."""
     out = [{"name": "base", "run": None}]
-    settings = [(v, s, lr, it, DEFAULT_IMAGES) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS]
-    settings += [(v, s, DEFAULT_LR, it, n) for n in counts if n != DEFAULT_IMAGES
+    settings = [(v, s, lr, it, BASE_IMAGES) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS]
+    settings += [(v, s, DEFAULT_LR, it, n) for n in counts if n != BASE_IMAGES
                  for v in VARIANTS for s in SEEDS for it in CHECKPOINTS]
     order = sorted(settings, key=lambda k: (k[2] != DEFAULT_LR or k[3] != 300, k[4], k[1], k[2], -k[3]))
     for variant, seed, lr, it, count in order:
-        if count == DEFAULT_IMAGES:
+        if count == BASE_IMAGES:
             run, tokens, name = runs / robust_run(runs, variant, seed, lr), runs / base_run(variant, seed), f"{variant}-s{seed}"
         else:
             run = tokens = runs / images_run(variant, seed, count)
@@ -122,6 +122,9 @@ def goals(point: dict) -> dict[str, bool]:
 
 
 def report(args) -> str:
+    from recare_cli.presets import MODEL_DEFAULTS
+
+    toy_images = MODEL_DEFAULTS["toy"]["num_images"]  # in bold: today's defaults
     out = args.runs / "sweep-measurements"
     entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
                for m in models(args.runs, args.num_images) if (out / f"{m['name']}.json").is_file()}
@@ -145,7 +148,7 @@ def report(args) -> str:
         for seed, p in sorted(points):
             met = goals(p)
             met_all += all(met.values())
-            label = "**" if (lr == DEFAULT_LR and it == 300 and count == DEFAULT_IMAGES) else ""
+            label = "**" if (lr == DEFAULT_LR and it == 300 and count == toy_images) else ""
             lines.append(f"| {variant} | {label}{count}{label} | {label}{lr:g}{label} | {label}{it}{label} | {seed} | {p['target_common']:.0f}% | "
                          f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['unrelated_kept'])} | "
                          f"{pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
@@ -167,8 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="images per prompt (the frontier: 4)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--num-images", default=str(DEFAULT_IMAGES),
-                        help="comma-separated training-image counts (the toy default: 64); others at the default rate")
+    parser.add_argument("--num-images", default=str(BASE_IMAGES),
+                        help="comma-separated training-image counts (64: the seeds' own runs); others at the default rate")
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
     args = parser.parse_args(argv)
     args.num_images = [int(n) for n in args.num_images.split(",")]

@@ -37,6 +37,9 @@ CONCEPT = "star"
 RARE_BELOW = 10.0  # % of the target's captions
 UCE_SCALES = (1.0, 0.5, 2.0, 4.0)
 MATCHED = 10.0  # the target rate at which methods are compared
+# ReCARE as measured here: the toy's default of that day, 64 training images (now 128), pinned so
+# that the runs, and the sweeps that reuse them (bench/toy_defaults_sweep.py), stay the documented ones.
+RECARE = {"method": "recare", "num_images": 64}
 
 
 class SnapshotReporter:
@@ -67,23 +70,6 @@ def finished(run_dir: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
 
 
-def seed_stage1(request, reference: Path, runtime) -> None:
-    """Start `request`'s run directory with the reference run's first erase, which no image or CARE
-    set reaches (round 0 erases the concept words), so a run that differs only there can skip it."""
-    from recare_cli.erase.inputs import STAGES_DIR
-    from recare_cli.erase.request import with_method_defaults
-    from recare_cli.erase.run import MANIFEST, input_hashes, run_hash
-
-    stage = "erase-0"
-    out = request.output_dir
-    request = with_method_defaults(request)  # as run_erase hashes it
-    (out / STAGES_DIR).mkdir(parents=True)
-    shutil.copy2(reference / STAGES_DIR / f"{stage}.safetensors", out / STAGES_DIR / f"{stage}.safetensors")
-    record = json.loads((reference / MANIFEST).read_text())["stages"][stage]
-    digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
-    (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "method": request.method, "stages": {stage: record}}))
-
-
 def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str | None = None,
           checkpoint_every: int = 100, robust_from: str | None = None, robust_lr: float | None = None,
           stage1_from: str | None = None):
@@ -95,9 +81,9 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
     if finished(run_dir):
         return run_dir
     runtime = Runtime("toy", device="cpu")
-    if robust_from is not None:
-        import toy_lr_sweep
+    import toy_lr_sweep
 
+    if robust_from is not None:
         @dataclass
         class Ref:
             run_dir: Path
@@ -116,8 +102,8 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
     else:
         request = with_model_defaults(EraseRequest(concepts=[CONCEPT], output_dir=run_dir, checkpoint_every=checkpoint_every,
                                                    **settings), "toy", set(settings))
-        if stage1_from is not None and not run_dir.exists():
-            seed_stage1(request, runs / stage1_from, runtime)
+        if stage1_from is not None and not run_dir.exists():  # the first erase reads no image or CARE set
+            toy_lr_sweep.seed_run_dir(request, runs / stage1_from, runtime, ["erase-0"])
     wrapped = SnapshotReporter(reporter, run_dir, snapshot_stage) if snapshot_stage else reporter
     started = time.perf_counter()
     run_erase(request, runtime, wrapped)
@@ -581,18 +567,18 @@ def main(argv=None) -> int:
     reporter = Reporter(HUMAN)
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.phase == "a":
-        train("recare-p10-s42", {"method": "recare", "prefix_steps": 10}, args.runs, reporter, snapshot_stage="robust")
+        train("recare-p10-s42", RECARE | {"prefix_steps": 10}, args.runs, reporter, snapshot_stage="robust")
         for lr in (5e-5, 2e-4, 3e-4):
             train(f"recare-p10-s42-lr{lr:g}", {}, args.runs, reporter, robust_from="recare-p10-s42", robust_lr=lr)
-        train("recare-p10-s43", {"method": "recare", "prefix_steps": 10, "seed": 43}, args.runs, reporter)
+        train("recare-p10-s43", RECARE | {"prefix_steps": 10, "seed": 43}, args.runs, reporter)
     if args.phase == "c":
         train("esd-s42", {"method": "esd"}, args.runs, reporter, snapshot_stage="esd", checkpoint_every=75)
         train("esd-s43", {"method": "esd", "seed": 43}, args.runs, reporter)
         train("esd-s42-lr0.0003", {"method": "esd", "stage1_lr": 3e-4}, args.runs, reporter)
     if args.phase == "b":
-        train("recare-exact-s42", {"method": "recare"}, args.runs, reporter, snapshot_stage="robust")
+        train("recare-exact-s42", RECARE, args.runs, reporter, snapshot_stage="robust")
         train("recare-exact-s42-lr0.0002", {}, args.runs, reporter, robust_from="recare-exact-s42", robust_lr=2e-4)
-        train("recare-exact-s43", {"method": "recare", "seed": 43}, args.runs, reporter)
+        train("recare-exact-s43", RECARE | {"seed": 43}, args.runs, reporter)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":

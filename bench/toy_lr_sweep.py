@@ -22,12 +22,30 @@ from pathlib import Path
 import toy_quality as tq  # bench/, the script's own folder
 
 
+def seed_run_dir(request, reference: Path, runtime, stages: list[str]) -> None:
+    """Start `request`'s run directory with the reference run's finished `stages` (weights and
+    records), which run_erase then reuses: for runs that differ only in what those stages never read."""
+    from recare_cli.erase.inputs import STAGES_DIR
+    from recare_cli.erase.request import with_method_defaults
+    from recare_cli.erase.run import MANIFEST, input_hashes, run_hash
+
+    out = request.output_dir
+    (out / STAGES_DIR).mkdir(parents=True)
+    for stage in stages:
+        shutil.copy2(reference / STAGES_DIR / f"{stage}.safetensors", out / STAGES_DIR / f"{stage}.safetensors")
+    records = json.loads((reference / MANIFEST).read_text())["stages"]
+    request = with_method_defaults(request)  # as run_erase hashes it
+    digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
+    (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "method": request.method,
+                                            "stages": {stage: records[stage] for stage in stages}}))
+
+
 def robust_only_request(reference, lr: float, runs: Path):
     """The reference run's request with another stage-2 rate, in a run directory seeded with its stage 1."""
     from dataclasses import replace
 
-    from recare_cli.erase.inputs import CARESET_FILE, IMAGES_DIR, STAGES_DIR
-    from recare_cli.erase.run import MANIFEST, EraseRequest, input_hashes, run_hash
+    from recare_cli.erase.inputs import CARESET_FILE, IMAGES_DIR
+    from recare_cli.erase.run import MANIFEST, EraseRequest
     from recare_cli.models import Runtime
 
     params = json.loads((reference.run_dir / MANIFEST).read_text())["parameters"]
@@ -35,14 +53,9 @@ def robust_only_request(reference, lr: float, runs: Path):
     request = replace(request, stage2_lr=lr, output_dir=runs / f"{'-'.join(request.concepts)}-stage2-lr{lr:g}",
                       images=reference.run_dir / IMAGES_DIR / request.concepts[0],
                       careset=reference.run_dir / CARESET_FILE)
-    out = request.output_dir
-    if not out.exists():
-        runtime = Runtime("toy", device="cpu")
-        out.mkdir(parents=True)
-        shutil.copytree(reference.run_dir / STAGES_DIR, out / STAGES_DIR, ignore=shutil.ignore_patterns("robust*", "careset-*"))
-        stages = {k: v for k, v in reference.stages.items() if k.startswith(("erase-", "inversion-"))}
-        digest = run_hash(request, runtime.resolve().describe(), runtime.dtype, input_hashes(request))
-        (out / MANIFEST).write_text(json.dumps({"run_hash": digest, "method": request.method, "stages": stages}))
+    if not request.output_dir.exists():
+        stage1 = [k for k in reference.stages if k.startswith(("erase-", "inversion-"))]
+        seed_run_dir(request, reference.run_dir, Runtime("toy", device="cpu"), stage1)
     return request
 
 
