@@ -425,19 +425,27 @@ INPUT_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def loaded_models(tiny_model):
+    """tiny-random's models, loaded once: the tests below stub every stage that would change them."""
+    from recare_cli.erase.context import EraseModels
+    from recare_cli.models import Runtime
+
+    return EraseModels.load(Runtime("tiny-random", device="cpu"))
+
+
 @pytest.mark.parametrize("case", INPUT_CASES)
-def test_each_method_gets_exactly_the_inputs_it_lacks_and_reads(inputs, tmp_path, monkeypatch, case):  # noqa: F811
+def test_each_method_gets_exactly_the_inputs_it_lacks_and_reads(inputs, loaded_models, tmp_path, monkeypatch,  # noqa: F811
+                                                                case):
     """Which of the images and the CARE set a run builds, from what, and what reaches the method:
     the real run_erase with the builders and the method stubbed, recording their arguments."""
     from recare_cli.erase import run
-    from recare_cli.erase.context import EraseModels
     from recare_cli.erase.inputs import read_careset_file
     from recare_cli.models import Runtime
     from recare_cli.output import JSON, Reporter
 
     method, preserve, with_images, with_careset, reads_images, builds, input_stages = INPUT_CASES[case]
-    runtime, reporter = Runtime("tiny-random", device="cpu"), Reporter(JSON, stdout=io.StringIO())
-    models = EraseModels.load(runtime)
+    runtime, reporter, models = Runtime("tiny-random", device="cpu"), Reporter(JSON, stdout=io.StringIO()), loaded_models
     images_dirs, built = {"nudity": tmp_path / "images-found"}, object()
     calls: dict[str, tuple] = {}
 
