@@ -26,16 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy_frontier as tf  # bench/, the script's own folder
 
-VARIANTS = {"p10": tf.RECARE | {"prefix_steps": 10}, "exact": tf.RECARE}
+VARIANTS = ("p10", "exact")
 SEEDS = (42, 43, 44)
 LRS = (1e-4, 2e-4)
 CHECKPOINTS = (100, 200, 300)
 DEFAULT_LR = 1e-4
-BASE_IMAGES = tf.RECARE["num_images"]  # the seeds' own runs; other counts are swept at the default rate only
+BASE_IMAGES = tf.FIRST_IMAGES  # the seeds' own runs; other counts are swept at the default rate only
 
 
 def base_run(variant: str, seed: int) -> str:
-    return f"recare-{variant}-s{seed}"
+    return tf.recare_run(variant, seed, BASE_IMAGES)
 
 
 def robust_run(runs: Path, variant: str, seed: int, lr: float) -> str:
@@ -47,15 +47,12 @@ def robust_run(runs: Path, variant: str, seed: int, lr: float) -> str:
     return f"sweep-{variant}-s{seed}-lr{lr:g}"
 
 
-def images_run(variant: str, seed: int, count: int) -> str:
-    return f"img{count}-{variant}-s{seed}"
-
-
 def train_all(runs: Path, reporter, counts: list[int]) -> None:
     # Cheapest first: the robust-only runs of the seeds already trained, then the new seed.
     for seed in SEEDS:
-        for variant, settings in VARIANTS.items():
-            tf.train(base_run(variant, seed), settings | {"seed": seed}, runs, reporter, snapshot_stage="robust")
+        for variant in VARIANTS:
+            tf.train(base_run(variant, seed), tf.recare_settings(variant, BASE_IMAGES) | {"seed": seed}, runs, reporter,
+                     snapshot_stage="robust")
             for lr in LRS:
                 name = robust_run(runs, variant, seed, lr)
                 if name != base_run(variant, seed):
@@ -64,9 +61,9 @@ def train_all(runs: Path, reporter, counts: list[int]) -> None:
     # first erase reads none of these and is taken from the seed's own run.
     for count in (c for c in counts if c != BASE_IMAGES):
         for seed in SEEDS:
-            for variant, settings in VARIANTS.items():
-                tf.train(images_run(variant, seed, count), settings | {"seed": seed, "num_images": count}, runs, reporter,
-                         snapshot_stage="robust", stage1_from=base_run(variant, seed))
+            for variant in VARIANTS:
+                tf.train(tf.recare_run(variant, seed, count), tf.recare_settings(variant, count) | {"seed": seed}, runs,
+                         reporter, snapshot_stage="robust", stage1_from=base_run(variant, seed))
 
 
 def models(runs: Path, counts: list[int]) -> list[dict]:
@@ -80,7 +77,7 @@ def models(runs: Path, counts: list[int]) -> list[dict]:
         if count == BASE_IMAGES:
             run, tokens, name = runs / robust_run(runs, variant, seed, lr), runs / base_run(variant, seed), f"{variant}-s{seed}"
         else:
-            run = tokens = runs / images_run(variant, seed, count)
+            run = tokens = runs / tf.recare_run(variant, seed, count)
             name = f"{variant}-s{seed}-img{count}"
         out.append({"name": f"{name}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr, "images": count,
                     "iterations": it, "run": run, "tokens": tokens,
@@ -104,7 +101,7 @@ def measure_all(args, reporter) -> None:
             continue
         reporter.info(f"measure {model['name']}")
         # Each seed's own CARE set decides which words count as CARE concepts for its models.
-        care = tf.care_words_of(model["tokens"]) if model["run"] else tf.care_words(args.runs)
+        care = tf.care_words_of(model["tokens"]) if model["run"] else tf.care_words(args.runs, BASE_IMAGES)
         tokens_file = Path(model.get("tokens") or args.runs / base_run("p10", 42)) / "tokens.safetensors"
         measuring.measure(model, care, tokens_file, args, out, care=care)
 
@@ -160,6 +157,10 @@ def report(args) -> str:
     lines += ["", "Means over the seeds measured:", "",
               "| variant | images | stage-2 lr | robust it. | seeds | target common | target rare | CARE kept | unrelated kept | "
               "seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|---|"] + summary
+    # Each run's own CARE set decides which words count as CARE concepts in its rows.
+    care_sets = {(m["images"], m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values()}
+    lines += ["", "The CARE set each seed's run built:", "", "| images | variant | seed | CARE set |", "|---|---|---|---|"]
+    lines += [f"| {n} | {v} | {seed} | {words} |" for (n, v, seed), words in sorted(care_sets.items())]
     return "\n".join(lines)
 
 

@@ -37,9 +37,30 @@ CONCEPT = "star"
 RARE_BELOW = 10.0  # % of the target's captions
 UCE_SCALES = (1.0, 0.5, 2.0, 4.0)
 MATCHED = 10.0  # the target rate at which methods are compared
-# ReCARE as measured here: the toy's default of that day, 64 training images (now 128), pinned so
-# that the runs, and the sweeps that reuse them (bench/toy_defaults_sweep.py), stay the documented ones.
-RECARE = {"method": "recare", "num_images": 64}
+# ReCARE's runs are named by their training-image count (--num-images). The comparison was first
+# measured with the toy's default of that day, 64 images; those runs and measurements keep their
+# first names, which bench/toy_defaults_sweep.py reuses as its seeds' own runs.
+FIRST_IMAGES = 64
+
+
+def recare_settings(variant: str, images: int) -> dict:
+    """The erase settings of a ReCARE variant: "exact" or "p10" (`--prefix-steps 10`)."""
+    return {"method": "recare", "num_images": images} | ({"prefix_steps": 10} if variant == "p10" else {})
+
+
+def recare_run(variant: str, seed: int, images: int) -> str:
+    return f"{'recare' if images == FIRST_IMAGES else f'img{images}'}-{variant}-s{seed}"
+
+
+def uce_careset_run(scale: float, images: int) -> str:
+    """UCE with the CARE set of the ReCARE default trained with `images` images."""
+    return f"{'' if images == FIRST_IMAGES else f'img{images}-'}uce-careset-s{scale:g}"
+
+
+def measurements_dir(runs: Path, images: int | None) -> Path:
+    """Where a model's measurement lives: the models that no training image reaches (base, esd, plain
+    uce: `images` None) share the first one, whatever the image count being compared."""
+    return runs / ("measurements" if images in (None, FIRST_IMAGES) else f"measurements-img{images}")
 
 
 class SnapshotReporter:
@@ -237,49 +258,50 @@ def measure(pipe, classifier, rows, tokens: list[str], samples: int, steps: int,
 
 # --- the models measured -------------------------------------------------------------------------
 
-def models(runs: Path) -> list[dict]:
+def models(runs: Path, images: int) -> list[dict]:
     """Every model of the comparison, most important first: method, setting, where its UNet is.
 
     `run`: an erase run directory (its unet.safetensors); `snapshot`: trained weights saved at a
     periodic checkpoint of that run (the base UNet plus those weights); `tokens`: the run whose
-    adversarial tokens are measured (ESD and UCE learn none: the ReCARE default's).
+    adversarial tokens are measured (ESD and UCE learn none: the ReCARE default's); `images`: the
+    training-image count that reaches the model (None: none does).
     """
-    p10, exact = runs / "recare-p10-s42", runs / "recare-exact-s42"
-    out = [{"name": "base", "method": "base", "setting": "-", "run": None}]
+    p10, exact = runs / recare_run("p10", 42, images), runs / recare_run("exact", 42, images)
+    out = [{"name": "base", "method": "base", "setting": "-", "run": None, "images": None}]
 
     def add(name, method, setting, run, default=False, snapshot=None, tokens=p10, seed=42):
+        reads_images = method.startswith(("recare", "uce --preserve"))
         out.append({"name": name, "method": method, "setting": setting, "run": run, "snapshot": snapshot,
-                    "default": default, "tokens": tokens, "seed": seed})
+                    "default": default, "tokens": tokens, "seed": seed, "images": images if reads_images else None})
 
     # In the order measured when time is short: defaults, then the settings that bracket 10%.
     add("recare-p10", "recare --prefix-steps 10", "stage-2 lr 1e-4", p10, default=True)
     add("esd", "esd", "lr 1e-4, 300 it.", runs / "esd-s42", default=True)
     add("uce", "uce", "scale 1, lam 0.5", runs / "uce-s1", default=True)
-    add("uce-careset", "uce --preserve careset", "scale 1, lam 0.5", runs / "uce-careset-s1", default=True)
+    add("uce-careset", "uce --preserve careset", "scale 1, lam 0.5", runs / uce_careset_run(1, images), default=True)
     add("recare-exact", "recare (exact)", "stage-2 lr 1e-4", exact, default=True, tokens=exact)
     for scale in (4.0, 2.0):
         add(f"uce-s{scale:g}", "uce", f"scale {scale:g}", runs / f"uce-s{scale:g}")
-        add(f"uce-careset-s{scale:g}", "uce --preserve careset", f"scale {scale:g}", runs / f"uce-careset-s{scale:g}")
+        add(f"uce-careset-s{scale:g}", "uce --preserve careset", f"scale {scale:g}", runs / uce_careset_run(scale, images))
     add("esd-it150", "esd", "lr 1e-4, 150 it.", runs / "esd-s42", snapshot=runs / "esd-s42" / "snapshots" / "esd-150.safetensors")
     for lr in (2e-4, 5e-5):
-        add(f"recare-p10-lr{lr:g}", "recare --prefix-steps 10", f"stage-2 lr {lr:g}", runs / f"recare-p10-s42-lr{lr:g}")
+        add(f"recare-p10-lr{lr:g}", "recare --prefix-steps 10", f"stage-2 lr {lr:g}", runs / f"{p10.name}-lr{lr:g}")
     for step in (75, 225):
         add(f"esd-it{step}", "esd", f"lr 1e-4, {step} it.", runs / "esd-s42",
             snapshot=runs / "esd-s42" / "snapshots" / f"esd-{step}.safetensors")
-    add("recare-p10-lr0.0003", "recare --prefix-steps 10", "stage-2 lr 0.0003", runs / "recare-p10-s42-lr0.0003")
+    add("recare-p10-lr0.0003", "recare --prefix-steps 10", "stage-2 lr 0.0003", runs / f"{p10.name}-lr0.0003")
     add("uce-s0.5", "uce", "scale 0.5", runs / "uce-s0.5")
-    add("uce-careset-s0.5", "uce --preserve careset", "scale 0.5", runs / "uce-careset-s0.5")
+    add("uce-careset-s0.5", "uce --preserve careset", "scale 0.5", runs / uce_careset_run(0.5, images))
     add("uce-lam0.1", "uce", "scale 1, lam 0.1", runs / "uce-lam0.1")
     for step in (100, 200):
         add(f"recare-exact-it{step}", "recare (exact)", f"lr 1e-4, {step} robust it.", exact, tokens=exact,
             snapshot=exact / "snapshots" / f"robust-{step}.safetensors")
-    add("recare-exact-lr0.0002", "recare (exact)", "stage-2 lr 2e-4", runs / "recare-exact-s42-lr0.0002", tokens=exact)
+    add("recare-exact-lr0.0002", "recare (exact)", "stage-2 lr 2e-4", runs / f"{exact.name}-lr0.0002", tokens=exact)
     add("esd-lr0.0003", "esd", "lr 3e-4, 300 it.", runs / "esd-s42-lr0.0003")
-    add("recare-p10-s43", "recare --prefix-steps 10", "stage-2 lr 1e-4, seed 43", runs / "recare-p10-s43",
-        default=True, tokens=runs / "recare-p10-s43", seed=43)
+    p10_s43, exact_s43 = runs / recare_run("p10", 43, images), runs / recare_run("exact", 43, images)
+    add("recare-p10-s43", "recare --prefix-steps 10", "stage-2 lr 1e-4, seed 43", p10_s43, default=True, tokens=p10_s43, seed=43)
     add("esd-s43", "esd", "lr 1e-4, 300 it., seed 43", runs / "esd-s43", default=True, seed=43)
-    add("recare-exact-s43", "recare (exact)", "stage-2 lr 1e-4, seed 43", runs / "recare-exact-s43",
-        default=True, tokens=runs / "recare-exact-s43", seed=43)
+    add("recare-exact-s43", "recare (exact)", "stage-2 lr 1e-4, seed 43", exact_s43, default=True, tokens=exact_s43, seed=43)
     return out
 
 
@@ -300,22 +322,31 @@ def seconds(model: dict) -> float | None:
     return round(total, 1) if total else None  # a snapshot of a run that has not finished a stage
 
 
-def edit_uce(runs: Path, reporter) -> None:
+def edit_uce(runs: Path, images: int, reporter) -> None:
     """The UCE models: seconds each; `--preserve careset` reads the ReCARE default's CARE set."""
 
-    careset = runs / "recare-p10-s42" / "careset.json"
+    careset = runs / recare_run("p10", 42, images) / "careset.json"
     for scale in UCE_SCALES:
         train(f"uce-s{scale:g}", {"method": "uce", "uce_erase_scale": scale}, runs, reporter)
         if careset.is_file():
-            train(f"uce-careset-s{scale:g}", {"method": "uce", "uce_erase_scale": scale, "preserve": ["careset"],
-                                               "careset": careset}, runs, reporter)
+            train(uce_careset_run(scale, images), {"method": "uce", "uce_erase_scale": scale, "preserve": ["careset"],
+                                                    "careset": careset}, runs, reporter)
     train("uce-lam0.1", {"method": "uce", "uce_lamb": 0.1}, runs, reporter)
 
 
 # --- the summary ---------------------------------------------------------------------------------
 
 def summarise(entry: dict, base: dict, care: list[str]) -> dict:
-    rates, base_rates = entry["rates"], base["rates"]
+    """The figures of one model, with `care` as the CARE set: every concept in it counts as CARE,
+    whatever CARE set the measurement was labelled with (ESD, UCE and the base model are measured
+    once, for every image count's comparison)."""
+    def regrouped(row):
+        kind, plus, rest = row["group"].partition("+")
+        if kind in ("CARE", "unrelated"):
+            kind = "CARE" if row["concept"] in care else "unrelated"
+        return dict(row, group=kind + plus + rest)
+
+    rates, base_rates = [regrouped(r) for r in entry["rates"]], base["rates"]
 
     def mean_rate(group):
         values = [r["rate"] for r in rates if r["group"] == group]
@@ -347,15 +378,22 @@ def target(point: dict) -> float:
 
 
 def at_matched_erasure(points: list[dict], key: str, level: float = 10.0):
-    """`key` where the method's mean target rate first reaches `level`, interpolated along its curve."""
-    curve = sorted(points, key=target, reverse=True)
-    if not curve or target(curve[-1]) > level:
+    """`key` at target rate `level` on the method's upper envelope, None if no setting reaches it.
+
+    The envelope is the settings no other setting beats on both counts (a target rate as low and a
+    `key` as high), joined by straight lines: the most a method keeps at each erasure among the
+    settings tried, whatever order they were tried in. At or under its lowest-rate setting's level,
+    the method keeps the most of any setting at or under the level.
+    """
+    measured = [(target(p), p[key][0]) for p in points if p[key] is not None]
+    envelope = sorted((t, k) for t, k in measured
+                      if not any(t2 <= t and k2 >= k and (t2, k2) != (t, k) for t2, k2 in measured))
+    if not envelope or envelope[0][0] > level:
         return None
-    for above, below in zip(curve, curve[1:]):
-        if target(above) > level >= target(below):
-            f = (target(above) - level) / (target(above) - target(below))
-            return above[key][0] + f * (below[key][0] - above[key][0])
-    return curve[0][key][0]  # even the weakest setting is at or under the level
+    for (t_low, k_low), (t_high, k_high) in zip(envelope, envelope[1:]):
+        if t_low <= level < t_high:
+            return k_low + (level - t_low) / (t_high - t_low) * (k_high - k_low)
+    return envelope[-1][1]
 
 
 @dataclass
@@ -410,25 +448,25 @@ def wait_or_stop(until: str | None) -> bool:
 def measure_all(args, reporter) -> None:
     """Measure every available model not measured yet, until --until (HH:MM, UTC) or all are done."""
     measuring = Measuring.load()
-    out = args.runs / "measurements"
-    out.mkdir(exist_ok=True)
     while True:
-        edit_uce(args.runs, reporter)
-        care = care_words(args.runs)
+        edit_uce(args.runs, args.num_images, reporter)
+        care = care_words(args.runs, args.num_images)
         if past(args.until):
             return
         # One model at a time, the most important one available and not taken by another measuring
         # process (a lock file), so that runs finishing meanwhile are measured in order.
-        model = next((m for m in models(args.runs) if care is not None and available(m) and claim(out, m["name"])), None)
+        model = next((m for m in models(args.runs, args.num_images)
+                      if care is not None and available(m) and claim(measurements_dir(args.runs, m["images"]), m["name"])), None)
         if model is None:
             if not wait_or_stop(args.until):
                 return
             continue
         reporter.info(f"measure {model['name']}")
         # The adversarial tokens' prompts only for the models that learned them (and base): time is short.
-        tokens_file = Path(model.get("tokens") or args.runs / "recare-p10-s42") / "tokens.safetensors"
+        tokens_file = Path(model.get("tokens") or args.runs / recare_run("p10", 42, args.num_images)) / "tokens.safetensors"
         wants_tokens = model["method"] in ("base",) or model["method"].startswith("recare")
-        measuring.measure(model, care, tokens_file if wants_tokens and tokens_file.is_file() else None, args, out,
+        measuring.measure(model, care, tokens_file if wants_tokens and tokens_file.is_file() else None, args,
+                          measurements_dir(args.runs, model["images"]),
                           train_seconds=seconds(model))
 
 
@@ -439,6 +477,7 @@ def claim(out: Path, name: str) -> bool:
     """
     import os
 
+    out.mkdir(exist_ok=True)
     if (out / f"{name}.json").is_file():
         return False
     lock = out / f"{name}.lock"
@@ -462,16 +501,15 @@ def care_words_of(run: Path) -> list[str] | None:
     return toy_quality.care_set_words(run) if (run / "careset.json").is_file() else None
 
 
-def care_words(runs: Path) -> list[str] | None:
-    return care_words_of(runs / "recare-p10-s42")
+def care_words(runs: Path, images: int) -> list[str] | None:
+    return care_words_of(runs / recare_run("p10", 42, images))
 
 
 def report(args) -> str:
     """The markdown table at matched erasure and per model, and the PNG."""
-    care = care_words(args.runs)
-    out = args.runs / "measurements"
-    measured = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
-                for m in models(args.runs) if (out / f"{m['name']}.json").is_file()}
+    care = care_words(args.runs, args.num_images)
+    measured = {m["name"]: (m, json.loads(path.read_text())) for m in models(args.runs, args.num_images)
+                if (path := measurements_dir(args.runs, m["images"]) / f"{m['name']}.json").is_file()}
     base = measured.pop("base")[1]
     points = {}
     for name, (model, entry) in measured.items():
@@ -484,10 +522,10 @@ def report(args) -> str:
         return "–" if value is None else f"{value[0]:.0f}% (min {value[1]:.0f}%)"
 
     frequencies = context_frequencies(CONCEPT)
-    lines = [f"CARE set (the ReCARE default's): {', '.join(care)}. Context words of `{CONCEPT}` in the toy captions "
+    lines = [f"ReCARE trained on {args.num_images} images. CARE set (the ReCARE default's, seed 42): {', '.join(care)}. Context words of `{CONCEPT}` in the toy captions "
              "(% of its captions): " + ", ".join(f"{w} {f:.1f}" for w, f in frequencies.items()) + ".", "",
              f"At matched erasure (target rate <= {MATCHED:.0f}% on common and on rare contexts, interpolated along "
-             "each method's curve, seed 42):", "", "| method | CARE kept | unrelated kept |", "|---|---|---|"]
+             "each method's upper envelope: the most any of its seed-42 settings keeps at that erasure):", "", "| method | CARE kept | unrelated kept |", "|---|---|---|"]
     methods = list(dict.fromkeys(p["model"]["method"] for p in points.values()))
     for method in methods:
         curve = [p for p in points.values() if p["model"]["method"] == method and p["model"].get("seed", 42) == 42]
@@ -513,12 +551,12 @@ def report(args) -> str:
     lines += ["", "Per CARE concept (kept, min): " + "; ".join(
         f"{name}: " + ", ".join(f"{w} {pair(v)}" for w, v in p["care_per_concept"].items())
         for name, p in points.items() if p["model"].get("default"))]
-    plot(points, args.png)
+    plot(points, args.png, args.num_images)
     (args.runs / "frontier.json").write_text(json.dumps({"base": base_rates, "points": points}, indent=1, default=str))
     return "\n".join(lines)
 
 
-def plot(points: dict, path: Path) -> None:
+def plot(points: dict, path: Path, images: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,12 +582,31 @@ def plot(points: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Toy world: erasing star (lines: seed 42 settings; stars: defaults, seeds 42 and 43)", fontsize=10)
+    fig.suptitle(f"Toy world: erasing star, ReCARE trained on {images} images "
+                 "(lines: seed 42 settings; stars: defaults, seeds 42 and 43)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
 
+def train_recare(variant: str, stage2_lrs: tuple, runs: Path, images: int, reporter) -> None:
+    """A ReCARE variant's default (seed 42, robust checkpoints kept), other stage-2 rates sharing its
+    stage 1, and seed 43. With another image count than the first, the first erase, which reads no
+    image, is taken from the first count's run of the seed where there is one."""
+    def first_erase(seed):
+        first = recare_run(variant, seed, FIRST_IMAGES)
+        return first if images != FIRST_IMAGES and finished(runs / first) else None
+
+    own = recare_run(variant, 42, images)
+    train(own, recare_settings(variant, images), runs, reporter, snapshot_stage="robust", stage1_from=first_erase(42))
+    for lr in stage2_lrs:
+        train(f"{own}-lr{lr:g}", {}, runs, reporter, robust_from=own, robust_lr=lr)
+    train(recare_run(variant, 43, images), recare_settings(variant, images) | {"seed": 43}, runs, reporter,
+          stage1_from=first_erase(43))
+
+
 def main(argv=None) -> int:
+    from recare_cli.presets import MODEL_DEFAULTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("bench-runs/frontier"), help="erase runs and measurements")
     parser.add_argument("--phase", choices=("a", "b", "c", "measure", "report"), required=True)
@@ -557,6 +614,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per image")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
+    parser.add_argument("--num-images", type=int, default=MODEL_DEFAULTS["toy"]["num_images"],
+                        help="ReCARE's training images (default: the toy's default)")
     parser.add_argument("--png", type=Path, default=Path("docs/frontier.png"))
     args = parser.parse_args(argv)
     import torch
@@ -567,18 +626,13 @@ def main(argv=None) -> int:
     reporter = Reporter(HUMAN)
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.phase == "a":
-        train("recare-p10-s42", RECARE | {"prefix_steps": 10}, args.runs, reporter, snapshot_stage="robust")
-        for lr in (5e-5, 2e-4, 3e-4):
-            train(f"recare-p10-s42-lr{lr:g}", {}, args.runs, reporter, robust_from="recare-p10-s42", robust_lr=lr)
-        train("recare-p10-s43", RECARE | {"prefix_steps": 10, "seed": 43}, args.runs, reporter)
+        train_recare("p10", (5e-5, 2e-4, 3e-4), args.runs, args.num_images, reporter)
     if args.phase == "c":
         train("esd-s42", {"method": "esd"}, args.runs, reporter, snapshot_stage="esd", checkpoint_every=75)
         train("esd-s43", {"method": "esd", "seed": 43}, args.runs, reporter)
         train("esd-s42-lr0.0003", {"method": "esd", "stage1_lr": 3e-4}, args.runs, reporter)
     if args.phase == "b":
-        train("recare-exact-s42", RECARE, args.runs, reporter, snapshot_stage="robust")
-        train("recare-exact-s42-lr0.0002", {}, args.runs, reporter, robust_from="recare-exact-s42", robust_lr=2e-4)
-        train("recare-exact-s43", RECARE | {"seed": 43}, args.runs, reporter)
+        train_recare("exact", (2e-4,), args.runs, args.num_images, reporter)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":
