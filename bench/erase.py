@@ -12,6 +12,10 @@ uses that as the denominator.
     python bench/erase.py --prefix-steps 10   # the coarser partial-denoising prefix
     python bench/erase.py --side-by-side      # the reference's structure, then ours, on this machine
     python bench/erase.py --side-by-side --prefix-steps 50,10   # one reference timing, both of ours
+    python bench/erase.py --side-by-side --prefix-steps 50,10 --repeat 3   # alternated 3 times; each ratio and the median
+
+A shared VM's speed drifts by tens of percent within minutes, so one side-by-side pair can land on
+either side of a target; `--repeat` alternates reference and recare and reports every pair's ratio.
 
 GPU mode builds SD-1.4-shaped UNet / VAE / text encoder from their published configs with random
 weights (nothing is downloaded) and runs the default recipe (200 iterations, 3000 inversion steps,
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -214,6 +219,9 @@ def main(argv=None) -> None:
     parser.add_argument("--progress", action="store_true", help="draw the progress bars")
     parser.add_argument("--side-by-side", action="store_true",
                         help="CPU mode: time the reference's structure here first and compare with it")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="CPU mode: time everything this many times, alternating; with --side-by-side, "
+                             "every ratio and their median")
     args = parser.parse_args(argv)
     prefixes = [int(p) for p in args.prefix_steps.split(",")]
 
@@ -238,22 +246,31 @@ def main(argv=None) -> None:
                 report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {prefix_steps}",
                        result, wall, peak, None)
         else:
-            reference = (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms")
-            if args.side_by_side:
-                import reference_structure  # bench/, the script's own folder
+            ratios = {prefix_steps: [] for prefix_steps in prefixes}
+            for repeat in range(args.repeat):
+                if args.repeat > 1:
+                    print(f"--- repeat {repeat + 1} of {args.repeat}")
+                reference = (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms")
+                if args.side_by_side:
+                    import reference_structure  # bench/, the script's own folder
 
-                replay_wall, clock = reference_structure.replay(args.cache_dir)
-                reference_structure.report(replay_wall, clock)
-                reference = (replay_wall, "its structure, timed just now on this machine")
-            recipe = dict(SETTINGS, checkpoint_every=100)
-            for prefix_steps in prefixes:
-                result, wall, peak = run("tiny-random", recipe, args, workdir, prefix_steps)
-                calibration = forward_ms("tiny-random", args.cache_dir)
-                print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
-                      f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
-                      "scales every figure below")
-                report(f"tiny-random, {json.dumps(recipe)}, prefix steps {prefix_steps}, "
-                       f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, reference)
+                    replay_wall, clock = reference_structure.replay(args.cache_dir)
+                    reference_structure.report(replay_wall, clock)
+                    reference = (replay_wall, "its structure, timed just now on this machine")
+                recipe = dict(SETTINGS, checkpoint_every=100)
+                for prefix_steps in prefixes:
+                    result, wall, peak = run("tiny-random", recipe, args, workdir / f"repeat-{repeat}", prefix_steps)
+                    calibration = forward_ms("tiny-random", args.cache_dir)
+                    print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
+                          f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
+                          "scales every figure below")
+                    report(f"tiny-random, {json.dumps(recipe)}, prefix steps {prefix_steps}, "
+                           f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, reference)
+                    ratios[prefix_steps].append(wall / reference[0])
+            if args.side_by_side and args.repeat > 1:
+                for prefix_steps, values in ratios.items():
+                    print(f"prefix steps {prefix_steps}: ratios to the reference "
+                          f"{', '.join(f'{v:.3f}' for v in values)}; median {statistics.median(values):.3f}")
 
 
 if __name__ == "__main__":
