@@ -47,7 +47,7 @@ class ConceptType:
 
 @dataclass(frozen=True)
 class Metric:
-    """An evaluation; `run`'s contract is documented in recare_cli/evaluate.py."""
+    """An evaluation; `run`'s contract is documented in recare_cli/evaluate/__init__.py."""
 
     name: str
     run: Callable[..., Any]

@@ -19,14 +19,15 @@ SPY = """
 import json, os
 
 if os.environ.get("RANK") is not None:
-    from recare_cli import evaluate, generate
+    from recare_cli import generate
+    from recare_cli.evaluate import run as evaluate_run
     from recare_cli.erase import recipe
 
     def log(**record):
         with open(os.environ["RECARE_TEST_SPY"], "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"rank": int(os.environ["RANK"]), **record}) + "\\n")
 
-    run_entry, render_images, write_results = recipe._run_entry, generate.render_images, evaluate.write_results
+    run_entry, render_images, write_results = recipe._run_entry, generate.render_images, evaluate_run.write_results
 
     def spied_run_entry(entry, reporter):
         log(entry=entry.index, device=entry.runtime.device)
@@ -41,7 +42,7 @@ if os.environ.get("RANK") is not None:
         return write_results(output_dir, records, run)
 
     recipe._run_entry, generate.render_images = spied_run_entry, spied_render_images
-    evaluate.write_results = spied_write_results
+    evaluate_run.write_results = spied_write_results
 """
 
 # Entry 3 repeats entry 1 (same run directory), so it must run after it, in the same process;

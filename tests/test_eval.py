@@ -40,13 +40,13 @@ def extra_metrics():
 
 def test_images_are_generated_once_and_shared_between_metrics(tmp_path, tiny_model, extra_metrics, monkeypatch):
     generated = []
-    real_generate = evaluate.generate
+    real_generate = evaluate.context.generate
 
     def counting_generate(rows, output_dir, *args, **kwargs):
         generated.append(Path(output_dir))
         return real_generate(rows, output_dir, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate", counting_generate)
+    monkeypatch.setattr(evaluate.context, "generate", counting_generate)  # where EvalContext calls it
     seen: dict[str, list] = {}
 
     def mean_grey(ctx: EvalContext) -> list[Row]:
@@ -93,11 +93,11 @@ def test_a_metric_that_breaks_the_contract_is_named(tmp_path, extra_metrics):
 
 def test_deltas_match_rows_by_key_and_skip_non_numbers():
     rows = [
-        evaluate.flatten("m", "erased", Row({"prompt": "p"}, {"score": 0.25, "label": "cat", "hits": 1})),
-        evaluate.flatten("m", "base", Row({"prompt": "p"}, {"score": 1.0, "label": "dog", "hits": 3})),
-        evaluate.flatten("m", "base", Row({"prompt": "q"}, {"score": 2.0})),
+        evaluate.results.flatten("m", "erased", Row({"prompt": "p"}, {"score": 0.25, "label": "cat", "hits": 1})),
+        evaluate.results.flatten("m", "base", Row({"prompt": "p"}, {"score": 1.0, "label": "dog", "hits": 3})),
+        evaluate.results.flatten("m", "base", Row({"prompt": "q"}, {"score": 2.0})),
     ]
-    (delta,) = evaluate.deltas(rows, "erased", "base")
+    (delta,) = evaluate.results.deltas(rows, "erased", "base")
     assert evaluate.public(delta) == {"metric": "m", "model": "delta", "prompt": "p", "score": -0.75, "hits": -2,
                                       "detail": False}
 

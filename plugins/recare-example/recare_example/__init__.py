@@ -48,7 +48,7 @@ def colorfulness(rgb) -> float:
 
 
 def run_colorfulness(ctx):
-    """The metric contract of recare_cli/evaluate.py: one detail row per image, then the mean."""
+    """The metric contract of recare_cli/evaluate/__init__.py: one detail row per image, then the mean."""
     from recare_cli.evaluate import Row, open_rgb
 
     rows = [Row({"image": image.file, "prompt": image.prompt}, {"colorfulness": colorfulness(open_rgb(image))},
