@@ -181,14 +181,14 @@ def train_clip(images: np.ndarray, captions: list[str], config: dict, workdir: P
     """Contrastive training of a small open_clip model on the captioned scenes (empty captions skipped)."""
     import open_clip
 
-    from recare_cli.clip import LOCAL_DIR, OPEN_CLIP_CONFIG, _quiet_open_clip
+    from recare_cli.clip import LOCAL_DIR, OPEN_CLIP_CONFIG, quiet_open_clip
 
     settings = config["clip"]["train"]
     folder = workdir / "clip-config"
     write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": config["clip"]["model_cfg"],
                                            "preprocess_cfg": config["clip"]["preprocess_cfg"]})
     torch.manual_seed(config["seed"] + 6)
-    with _quiet_open_clip():
+    with quiet_open_clip():
         model = open_clip.create_model(f"{LOCAL_DIR}{folder}", pretrained=None)
         tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{folder}")
     keep = [i for i, c in enumerate(captions) if c]
