@@ -24,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import toy_frontier as tf  # bench/, the script's own folder
+import frontier_summary  # bench/, the script's own folder
+import toy_frontier as tf
+from frontier_measure import Measuring
 
 VARIANTS = ("p10", "exact")
 SEEDS = (42, 43, 44)
@@ -86,7 +88,7 @@ def models(runs: Path, counts: list[int]) -> list[dict]:
 
 
 def measure_all(args, reporter) -> None:
-    measuring = tf.Measuring.load()
+    measuring = Measuring.load()
     out = args.runs / "sweep-measurements"
     out.mkdir(exist_ok=True)
     while True:
@@ -111,7 +113,7 @@ def goals(point: dict) -> dict[str, bool]:
     care, unrelated, night = point["care_kept"], point["unrelated_kept"], point["night_with_target"]
     night_own = point["night_without_target"]
     return {
-        "target <= 10% (common and rare)": tf.target(point) <= 10.0,
+        "target <= 10% (common and rare)": frontier_summary.target(point) <= 10.0,
         "CARE >= 80% every prompt, mean >= 90%": care is not None and care[1] >= 80.0 and care[0] >= 90.0,
         "others >= 70% every prompt, mean >= 90%": unrelated is not None and unrelated[1] >= 70.0 and unrelated[0] >= 90.0,
         "night >= 80% every prompt": all(v is None or v[1] >= 80.0 for v in (night, night_own)),
@@ -128,7 +130,7 @@ def report(args) -> str:
     base = entries.pop("base")[1]
     rows = {}
     for name, (model, entry) in entries.items():
-        point = tf.summarise(entry, base, entry["care"])
+        point = frontier_summary.summarise(entry, base, entry["care"])
         rows.setdefault((model["variant"], model["images"], model["lr"], model["iterations"]), []).append((model["seed"], point))
 
     def pair(v):

@@ -11,6 +11,9 @@ classifier on prompts no erase trained on (docs/frontier.md explains the groups)
   with most) on its own and with the target, wherever the CARE set put it;
 - the ReCARE default's adversarial tokens' target rate, and training time.
 
+The prompts and the measuring live in bench/frontier_measure.py, the figures, the matched-erasure
+table's reading and the picture in bench/frontier_summary.py; this script trains, orders and reports.
+
 Strengths: recare, the stage-2 lr (stage 1 and the inversions shared: bench/toy_lr_sweep.py) and
 the robust stage's own checkpoints; esd, the iterations (its periodic checkpoints) and lr; uce, the
 erase scale and lambda. Every erase run and measurement is kept under --runs and reused, so the
@@ -33,14 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CONCEPT = "star"
-RARE_BELOW = 10.0  # % of the target's captions
+from frontier_measure import CONCEPT, Measuring, context_frequencies  # bench/, the script's own folder
+from frontier_summary import MATCHED, at_matched_erasure, plot, summarise
+
 UCE_SCALES = (1.0, 0.5, 2.0, 4.0)
-MATCHED = 10.0  # the target rate at which methods are compared
 # ReCARE's runs are named by their training-image count (--num-images). The comparison was first
 # measured with the toy's default of that day, 64 images; those runs and measurements keep their
 # first names, which bench/toy_defaults_sweep.py reuses as its seeds' own runs.
 FIRST_IMAGES = 64
+FIRST_SAMPLES = 4  # images per prompt of the first measurement (the default)
 
 
 def recare_settings(variant: str, images: int) -> dict:
@@ -57,10 +61,12 @@ def uce_careset_run(scale: float, images: int) -> str:
     return f"{'' if images == FIRST_IMAGES else f'img{images}-'}uce-careset-s{scale:g}"
 
 
-def measurements_dir(runs: Path, images: int | None) -> Path:
-    """Where a model's measurement lives: the models that no training image reaches (base, esd, plain
-    uce: `images` None) share the first one, whatever the image count being compared."""
-    return runs / ("measurements" if images in (None, FIRST_IMAGES) else f"measurements-img{images}")
+def measurements_dir(runs: Path, images: int | None, samples: int) -> Path:
+    """Where a model's measurement with `samples` images a prompt lives: the models that no training
+    image reaches (base, esd, plain uce: `images` None) share the first image count's, whatever the
+    image count being compared."""
+    name = "measurements" if images in (None, FIRST_IMAGES) else f"measurements-img{images}"
+    return runs / (name if samples == FIRST_SAMPLES else f"{name}-n{samples}")
 
 
 class SnapshotReporter:
@@ -130,130 +136,6 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
     run_erase(request, runtime, wrapped)
     reporter.info(f"trained {name} in {time.perf_counter() - started:.0f} s")
     return run_dir
-
-
-# --- prompts: derived from the toy world's captions --------------------------------------------
-
-def context_frequencies(concept: str, n: int = 40_000, seed: int = 0) -> dict[str, float]:
-    """% of the captions naming `concept` that also name each colour, background and style."""
-    import numpy as np
-
-    from recare_cli.toy import world
-
-    rng = np.random.default_rng(seed)
-    words = list(world.COLOURS) + list(world.BACKGROUNDS) + ["stripes"]
-    named, counts = 0, dict.fromkeys(words, 0)
-    for _ in range(n):
-        caption = world.caption(world.sample_scene(rng), rng)
-        present = set(caption.replace(",", " ").split())
-        if concept in present:
-            named += 1
-            for word in words:
-                counts[word] += word in present
-    return {word: 100.0 * c / named for word, c in counts.items()}
-
-
-def with_context(concept: str, word: str, prefix: str = "") -> str:
-    """A prompt for `concept` in one context word, phrased as the toy captions phrase it."""
-    from recare_cli.toy import world
-
-    if word in world.COLOURS:
-        return f"{prefix}a {word} {concept}"
-    if word in world.BACKGROUNDS:
-        return f"{prefix}a {concept} {world.PREPOSITIONS[word][1]}"
-    return f"{prefix}a {concept} in the style of {word}"
-
-
-def target_prompts(concept: str, frequencies: dict[str, float]) -> dict[str, list[str]]:
-    """common: one prompt per context word in >= 10% of the concept's captions; rare: each rarer
-    word alone and with two common ones. None is a training prompt ("a star")."""
-    from recare_cli.toy import world
-
-    common = [w for w, f in frequencies.items() if f >= RARE_BELOW]
-    rare = [w for w, f in frequencies.items() if f < RARE_BELOW]
-    colours = [w for w in common if w in world.COLOURS]
-    prompts = {"common": [with_context(concept, w, "a picture of " if i % 2 else "") for i, w in enumerate(common)],
-               "rare": []}
-    for word in rare:
-        prompts["rare"] += [with_context(concept, word), with_context(concept, word, "a photo of ")]
-        if word in world.BACKGROUNDS:
-            prompts["rare"] += [f"a {c} {concept} {world.PREPOSITIONS[word][0]}" for c in colours[:2]]
-    return prompts
-
-
-def own_prompts(word: str, kind: str) -> list[str]:
-    """Two prompts that name `word` and not the target (bench/toy_quality.py's, first two)."""
-    import toy_quality
-
-    prompts = toy_quality.concept_prompts(word, kind)
-    return prompts[:2] if kind != "background" else [prompts[0], prompts[2]]
-
-
-def plan_prompts(concept: str, care: list[str], frequencies: dict[str, float]) -> list[tuple[str, str, str, str]]:
-    """(group, concept measured, head, prompt) for every image prompt of a measurement."""
-    from recare_cli.metrics.toy import concept_heads
-
-    heads = concept_heads()
-    rows = []
-    targets = target_prompts(concept, frequencies)
-    for group, prompts in targets.items():
-        rows += [(f"target-{group}", concept, heads[concept], p) for p in prompts]
-    for word in heads:
-        if word == concept:
-            continue
-        group = "CARE" if word in care else "unrelated"
-        rows += [(group, word, heads[word], p) for p in own_prompts(word, heads[word])]
-        if heads[word] != "shape":  # with the target word: the target prompts that name this word
-            rows += [(f"{group}+target", word, heads[word], p)
-                     for p in targets["common"] + targets["rare"] if word in p.replace(",", " ").split()]
-    return rows
-
-
-# --- measuring -------------------------------------------------------------------------------
-
-def unet_state(model: dict, base_state: dict) -> dict:
-    from safetensors.torch import load_file
-
-    if model.get("snapshot"):
-        return base_state | load_file(str(model["snapshot"]))
-    if model.get("run") is None:
-        return base_state
-    return load_file(str(Path(model["run"]) / "unet.safetensors"))
-
-
-def set_tokens(pipe, tokens_file: Path) -> list[str]:
-    """Write a run's adversarial tokens into the pipeline (overwriting same-named rows of another run)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from recare_cli.learned_tokens import add_learned_tokens
-
-    add_learned_tokens(pipe, tokens_file)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for name, row in load_file(str(tokens_file)).items():
-            table[pipe.tokenizer.convert_tokens_to_ids(name)] = row.reshape(-1).to(table.dtype)
-    with safe_open(str(tokens_file), framework="pt") as handle:
-        return json.loads(handle.metadata()["tokens"])
-
-
-def measure(pipe, classifier, rows, tokens: list[str], samples: int, steps: int, guidance: float) -> dict:
-    """prompt -> {head: % of its images the classifier labels with the measured concept}."""
-    import toy_quality
-
-    from recare_cli.toy.classifier import predict
-
-    rows = rows + [("adversarial", CONCEPT, "shape", p) for p in toy_quality.adversarial_prompts(tokens)]
-    prompts = list(dict.fromkeys(r[3] for r in rows))
-    labels = predict(classifier, toy_quality.generate(pipe, prompts, samples, steps, guidance))
-    rates = []
-    for group, word, head, prompt in rows:
-        i = prompts.index(prompt)
-        seen = labels[head][i * samples:(i + 1) * samples]
-        rates.append({"group": group, "concept": word, "prompt": prompt,
-                      "rate": 100.0 * sum(label == word for label in seen) / samples})
-    return {"rates": rates}
 
 
 # --- the models measured -------------------------------------------------------------------------
@@ -334,102 +216,6 @@ def edit_uce(runs: Path, images: int, reporter) -> None:
     train("uce-lam0.1", {"method": "uce", "uce_lamb": 0.1}, runs, reporter)
 
 
-# --- the summary ---------------------------------------------------------------------------------
-
-def summarise(entry: dict, base: dict, care: list[str]) -> dict:
-    """The figures of one model, with `care` as the CARE set: every concept in it counts as CARE,
-    whatever CARE set the measurement was labelled with (ESD, UCE and the base model are measured
-    once, for every image count's comparison)."""
-    def regrouped(row):
-        kind, plus, rest = row["group"].partition("+")
-        if kind in ("CARE", "unrelated"):
-            kind = "CARE" if row["concept"] in care else "unrelated"
-        return dict(row, group=kind + plus + rest)
-
-    rates, base_rates = [regrouped(r) for r in entry["rates"]], base["rates"]
-
-    def mean_rate(group):
-        values = [r["rate"] for r in rates if r["group"] == group]
-        return sum(values) / len(values) if values else None
-
-    def all_kept(groups, concept=None):
-        """[kept % (sum of rates over sum of base rates), lowest per-prompt kept %]"""
-        pairs = [(r["rate"], b["rate"]) for r, b in zip(rates, base_rates)
-                 if r["group"] in groups and (concept is None or r["concept"] == concept) and b["rate"] > 0]
-        if not pairs:
-            return None
-        return [100.0 * sum(r for r, _ in pairs) / sum(b for _, b in pairs), min(100.0 * r / b for r, b in pairs)]
-
-    return {
-        "target_common": mean_rate("target-common"), "target_rare": mean_rate("target-rare"),
-        "adversarial": mean_rate("adversarial"),
-        "care_kept": all_kept(("CARE", "CARE+target")),
-        "care_kept_without_target": all_kept(("CARE",)), "care_kept_with_target": all_kept(("CARE+target",)),
-        "care_per_concept": {w: all_kept(("CARE", "CARE+target"), w) for w in care},
-        "unrelated_kept": all_kept(("unrelated",)), "unrelated_kept_with_target": all_kept(("unrelated+target",)),
-        "night_without_target": all_kept(("CARE", "unrelated"), "night"),
-        "night_with_target": all_kept(("CARE+target", "unrelated+target"), "night"),
-    }
-
-
-def target(point: dict) -> float:
-    """A model's target rate: the higher of its common- and rare-context rates (the goal needs both low)."""
-    return max(point["target_common"], point["target_rare"])
-
-
-def at_matched_erasure(points: list[dict], key: str, level: float = 10.0):
-    """`key` at target rate `level` on the method's upper envelope, None if no setting reaches it.
-
-    The envelope is the settings no other setting beats on both counts (a target rate as low and a
-    `key` as high), joined by straight lines: the most a method keeps at each erasure among the
-    settings tried, whatever order they were tried in. At or under its lowest-rate setting's level,
-    the method keeps the most of any setting at or under the level.
-    """
-    measured = [(target(p), p[key][0]) for p in points if p[key] is not None]
-    envelope = sorted((t, k) for t, k in measured
-                      if not any(t2 <= t and k2 >= k and (t2, k2) != (t, k) for t2, k2 in measured))
-    if not envelope or envelope[0][0] > level:
-        return None
-    for (t_low, k_low), (t_high, k_high) in zip(envelope, envelope[1:]):
-        if t_low <= level < t_high:
-            return k_low + (level - t_low) / (t_high - t_low) * (k_high - k_low)
-    return envelope[-1][1]
-
-
-@dataclass
-class Measuring:
-    """What every measurement shares: the toy pipeline, its base UNet, the classifier, the prompts' contexts."""
-
-    pipe: object
-    base_state: dict
-    classifier: object
-    frequencies: dict
-
-    @classmethod
-    def load(cls) -> "Measuring":
-        from recare_cli.models import Runtime
-        from recare_cli.toy.package import load_classifier
-
-        pipe, _, _ = Runtime("toy", device="cpu").pipeline()
-        return cls(pipe, {k: v.clone() for k, v in pipe.unet.state_dict().items()}, load_classifier(),
-                   context_frequencies(CONCEPT))
-
-    def measure(self, model: dict, care_set: list[str], tokens_file: Path | None, args, out: Path, **extra) -> None:
-        """Measure `model` (its UNet, and its adversarial tokens when given) and write out/<name>.json."""
-        import torch
-
-        started = time.perf_counter()
-        self.pipe.unet.load_state_dict(unet_state(model, self.base_state))
-        tokens = set_tokens(self.pipe, tokens_file) if tokens_file is not None else []
-        torch.manual_seed(0)
-        entry = measure(self.pipe, self.classifier, plan_prompts(CONCEPT, care_set, self.frequencies), tokens,
-                        args.samples, args.steps, args.guidance)
-        entry |= {"model": {k: str(v) if isinstance(v, Path) else v for k, v in model.items()}, **extra,
-                  "measure_seconds": round(time.perf_counter() - started, 1),
-                  "samples": args.samples, "steps": args.steps, "guidance": args.guidance}
-        (out / f"{model['name']}.json").write_text(json.dumps(entry, indent=1) + "\n")
-
-
 def past(until: str | None) -> bool:
     """True once --until (HH:MM, UTC) has passed."""
     import datetime
@@ -456,7 +242,7 @@ def measure_all(args, reporter) -> None:
         # One model at a time, the most important one available and not taken by another measuring
         # process (a lock file), so that runs finishing meanwhile are measured in order.
         model = next((m for m in models(args.runs, args.num_images)
-                      if care is not None and available(m) and claim(measurements_dir(args.runs, m["images"]), m["name"])), None)
+                      if care is not None and available(m) and claim(measurements_dir(args.runs, m["images"], args.samples), m["name"])), None)
         if model is None:
             if not wait_or_stop(args.until):
                 return
@@ -466,7 +252,7 @@ def measure_all(args, reporter) -> None:
         tokens_file = Path(model.get("tokens") or args.runs / recare_run("p10", 42, args.num_images)) / "tokens.safetensors"
         wants_tokens = model["method"] in ("base",) or model["method"].startswith("recare")
         measuring.measure(model, care, tokens_file if wants_tokens and tokens_file.is_file() else None, args,
-                          measurements_dir(args.runs, model["images"]),
+                          measurements_dir(args.runs, model["images"], args.samples),
                           train_seconds=seconds(model))
 
 
@@ -509,7 +295,7 @@ def report(args) -> str:
     """The markdown table at matched erasure and per model, and the PNG."""
     care = care_words(args.runs, args.num_images)
     measured = {m["name"]: (m, json.loads(path.read_text())) for m in models(args.runs, args.num_images)
-                if (path := measurements_dir(args.runs, m["images"]) / f"{m['name']}.json").is_file()}
+                if (path := measurements_dir(args.runs, m["images"], args.samples) / f"{m['name']}.json").is_file()}
     base = measured.pop("base")[1]
     points = {}
     for name, (model, entry) in measured.items():
@@ -522,7 +308,7 @@ def report(args) -> str:
         return "–" if value is None else f"{value[0]:.0f}% (min {value[1]:.0f}%)"
 
     frequencies = context_frequencies(CONCEPT)
-    lines = [f"ReCARE trained on {args.num_images} images. CARE set (the ReCARE default's, seed 42): {', '.join(care)}. Context words of `{CONCEPT}` in the toy captions "
+    lines = [f"ReCARE trained on {args.num_images} images; {args.samples} images per prompt. CARE set (the ReCARE default's, seed 42): {', '.join(care)}. Context words of `{CONCEPT}` in the toy captions "
              "(% of its captions): " + ", ".join(f"{w} {f:.1f}" for w, f in frequencies.items()) + ".", "",
              f"At matched erasure (target rate <= {MATCHED:.0f}% on common and on rare contexts, interpolated along "
              "each method's upper envelope: the most any of its seed-42 settings keeps at that erasure):", "", "| method | CARE kept | unrelated kept |", "|---|---|---|"]
@@ -556,38 +342,6 @@ def report(args) -> str:
     return "\n".join(lines)
 
 
-def plot(points: dict, path: Path, images: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
-    for method in dict.fromkeys(p["model"]["method"] for p in points.values()):
-        # The curve is seed 42's settings; other seeds' defaults are stars off the line.
-        ours = [p for p in points.values() if p["model"]["method"] == method]
-        curve = sorted((p for p in ours if p["model"].get("seed", 42) == 42), key=target)
-        x = [target(p) for p in curve]
-        for ax, key in zip(axes, ("care_kept", "unrelated_kept")):
-            line, = ax.plot(x, [p[key][0] for p in curve], "o-", label=method, alpha=0.8)
-            defaults = [(target(p), p[key][0]) for p in ours if p["model"].get("default")]
-            if defaults:
-                ax.plot(*zip(*defaults), "*", markersize=14, color=line.get_color(), markeredgecolor="black")
-    for ax, title in zip(axes, ("CARE concepts kept", "unrelated concepts kept")):
-        ax.axvline(MATCHED, color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel(f"{CONCEPT} rate, % (higher of common, rare contexts)")
-        ax.set_xlim(-3, 103)
-        ax.set_ylim(0, 115)
-        ax.set_ylabel("% of the base model's rate")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Toy world: erasing star, ReCARE trained on {images} images "
-                 "(lines: seed 42 settings; stars: defaults, seeds 42 and 43)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-
-
 def train_recare(variant: str, stage2_lrs: tuple, runs: Path, images: int, reporter) -> None:
     """A ReCARE variant's default (seed 42, robust checkpoints kept), other stage-2 rates sharing its
     stage 1, and seed 43. With another image count than the first, the first erase, which reads no
@@ -610,7 +364,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("bench-runs/frontier"), help="erase runs and measurements")
     parser.add_argument("--phase", choices=("a", "b", "c", "measure", "report"), required=True)
-    parser.add_argument("--samples", type=int, default=4, help="images per prompt")
+    parser.add_argument("--samples", type=int, default=FIRST_SAMPLES, help="images per prompt")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per image")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")

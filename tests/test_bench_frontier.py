@@ -1,6 +1,6 @@
-"""bench/toy_frontier.py's summary: the README's matched-erasure table is computed by these functions."""
+"""bench/frontier_summary.py: the README's matched-erasure table is computed by these functions."""
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,14 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def frontier():
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench modules, as a script does
-    spec = importlib.util.spec_from_file_location("bench_toy_frontier", ROOT / "bench" / "toy_frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    bench = str(ROOT / "bench")
+    added = bench not in sys.path
+    if added:
+        sys.path.insert(0, bench)  # bench scripts import their siblings by name, as a script does
+    yield importlib.import_module("frontier_summary")
+    if added:
+        sys.path.remove(bench)
 
 
 def _point(target, care, unrelated=None):
