@@ -223,6 +223,8 @@ def main(argv=None) -> None:
                         help="CPU mode: time everything this many times, alternating; with --side-by-side, "
                              "every ratio and their median")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be 1 or more")
     prefixes = [int(p) for p in args.prefix_steps.split(",")]
 
     from recare_cli.output import quiet_libraries
