@@ -248,18 +248,18 @@ def main(argv=None) -> None:
                 report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {prefix_steps}",
                        result, wall, peak, None)
         else:
+            import reference_structure  # bench/, the script's own folder
+
             ratios = {prefix_steps: [] for prefix_steps in prefixes}
+            recipe = dict(SETTINGS, checkpoint_every=100)
             for repeat in range(args.repeat):
                 if args.repeat > 1:
                     print(f"--- repeat {repeat + 1} of {args.repeat}")
                 reference = (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms")
                 if args.side_by_side:
-                    import reference_structure  # bench/, the script's own folder
-
                     replay_wall, clock = reference_structure.replay(args.cache_dir)
                     reference_structure.report(replay_wall, clock)
                     reference = (replay_wall, "its structure, timed just now on this machine")
-                recipe = dict(SETTINGS, checkpoint_every=100)
                 for prefix_steps in prefixes:
                     result, wall, peak = run("tiny-random", recipe, args, workdir / f"repeat-{repeat}", prefix_steps)
                     calibration = forward_ms("tiny-random", args.cache_dir)
