@@ -46,7 +46,7 @@ as recare's own (recare_cli/builtins/metrics.py)::
 
 from recare_cli.evaluate.context import EVAL_IMAGE_SUFFIXES, EvalContext, EvalImage, ModelUnderTest, Row, open_rgb
 from recare_cli.evaluate.results import DELTA, columns, public, write_results
-from recare_cli.evaluate.run import EvalReport, evaluate
+from recare_cli.evaluate.run import evaluate
 
-__all__ = ["DELTA", "EVAL_IMAGE_SUFFIXES", "EvalContext", "EvalImage", "EvalReport", "ModelUnderTest", "Row", "columns",
+__all__ = ["DELTA", "EVAL_IMAGE_SUFFIXES", "EvalContext", "EvalImage", "ModelUnderTest", "Row", "columns",
            "evaluate", "open_rgb", "public", "write_results"]
