@@ -51,3 +51,30 @@ def forward_ms(model: str, cache_dir) -> float:
             pipe.unet(latents, torch.tensor(500), encoder_hidden_states=embeds)
             times.append(time.perf_counter() - started)
     return sorted(times)[3] * 1000
+
+
+def import_libraries() -> None:
+    """Import torch, diffusers and transformers before a clock starts, so no timing includes them."""
+    import importlib
+
+    for module in ("torch", "diffusers.models.autoencoders.autoencoder_kl",
+                   "diffusers.models.unets.unet_2d_condition", "diffusers.schedulers.scheduling_ddim",
+                   "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip"):
+        importlib.import_module(module)
+
+
+def in_fresh_process(script: Path, args: list[str]) -> dict:
+    """Run a bench script in a new Python process and return what it wrote with --json-out.
+
+    Each side of a same-machine comparison gets a process of its own, as it would have when run
+    for real: neither inherits the other's warmed kernels or its process settings (recare's
+    `keep_freed_memory` on a CPU is process-wide, and the reference never sets it).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="recare-bench-json-") as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, str(script), *args, "--json-out", str(out)], check=True)
+        return json.loads(out.read_text())

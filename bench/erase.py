@@ -16,6 +16,10 @@ uses that as the denominator.
 
 A shared VM's speed drifts by tens of percent within minutes, so one side-by-side pair can land on
 either side of a target; `--repeat` alternates reference and recare and reports every pair's ratio.
+With `--side-by-side` or `--repeat` every timing runs in a fresh Python process of its own, with
+the libraries imported before its clock starts: as when each is run for real, neither inherits the
+other's warmed kernels or process settings (recare's `keep_freed_memory` on a CPU is process-wide;
+the reference never sets it).
 
 GPU mode builds SD-1.4-shaped UNet / VAE / text encoder from their published configs with random
 weights (nothing is downloaded) and runs the default recipe (200 iterations, 3000 inversion steps,
@@ -47,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_setting import SETTINGS, forward_ms, write_inputs  # bench/, the script's own folder
+from bench_setting import SETTINGS, forward_ms, import_libraries, in_fresh_process, write_inputs  # bench/, the script's own folder
 
 REFERENCE_SECONDS = 133.8
 REFERENCE_FORWARD_MS = 27.0  # one batch-2 UNet forward on 64x64 latents where the reference was timed
@@ -219,6 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--progress", action="store_true", help="draw the progress bars")
     parser.add_argument("--side-by-side", action="store_true",
                         help="CPU mode: time the reference's structure here first and compare with it")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="CPU mode, one run here: also write its wall seconds to this file (for --side-by-side)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="CPU mode: time everything this many times, alternating; with --side-by-side, "
                              "every ratio and their median")
@@ -226,6 +232,10 @@ def main(argv=None) -> None:
     if args.repeat < 1:
         parser.error("--repeat must be 1 or more")
     prefixes = [int(p) for p in args.prefix_steps.split(",")]
+    if len(set(prefixes)) != len(prefixes):  # one run directory each: a second would resume the first
+        parser.error("--prefix-steps names a value twice; --repeat N times it again")
+    if args.json_out and (len(prefixes) > 1 or args.gpu or args.side_by_side or args.repeat > 1):
+        parser.error("--json-out is for one CPU run: one --prefix-steps, no --gpu, --side-by-side or --repeat")
 
     from recare_cli.output import quiet_libraries
 
@@ -247,32 +257,47 @@ def main(argv=None) -> None:
                 result, wall, peak = run(model, recipe, args, workdir, prefix_steps)
                 report(f"GPU recipe on {shape}: {json.dumps(recipe)}, prefix steps {prefix_steps}",
                        result, wall, peak, None)
+        elif args.side_by_side or args.repeat > 1:
+            compare(args, prefixes)
         else:
-            import reference_structure  # bench/, the script's own folder
-
-            ratios = {prefix_steps: [] for prefix_steps in prefixes}
             recipe = dict(SETTINGS, checkpoint_every=100)
-            for repeat in range(args.repeat):
-                if args.repeat > 1:
-                    print(f"--- repeat {repeat + 1} of {args.repeat}")
-                reference = (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms")
-                if args.side_by_side:
-                    replay_wall, clock = reference_structure.replay(args.cache_dir)
-                    reference_structure.report(replay_wall, clock)
-                    reference = (replay_wall, "its structure, timed just now on this machine")
-                for prefix_steps in prefixes:
-                    result, wall, peak = run("tiny-random", recipe, args, workdir / f"repeat-{repeat}", prefix_steps)
-                    calibration = forward_ms("tiny-random", args.cache_dir)
-                    print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
-                          f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
-                          "scales every figure below")
-                    report(f"tiny-random, {json.dumps(recipe)}, prefix steps {prefix_steps}, "
-                           f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak, reference)
-                    ratios[prefix_steps].append(wall / reference[0])
-            if args.side_by_side and args.repeat > 1:
-                for prefix_steps, values in ratios.items():
-                    print(f"prefix steps {prefix_steps}: ratios to the reference "
-                          f"{', '.join(f'{v:.3f}' for v in values)}; median {statistics.median(values):.3f}")
+            import_libraries()
+            for prefix_steps in prefixes:
+                result, wall, peak = run("tiny-random", recipe, args, workdir, prefix_steps)
+                calibration = forward_ms("tiny-random", args.cache_dir)
+                print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now "
+                      f"({REFERENCE_FORWARD_MS:.0f} ms where the reference was timed); a busy or slower CPU "
+                      "scales every figure below")
+                report(f"tiny-random, {json.dumps(recipe)}, prefix steps {prefix_steps}, "
+                       f"torch threads {__import__('torch').get_num_threads()}", result, wall, peak,
+                       None if args.json_out else
+                       (REFERENCE_SECONDS, f"the spec's figure, timed where a forward took {REFERENCE_FORWARD_MS:.0f} ms"))
+                if args.json_out:
+                    args.json_out.write_text(json.dumps({"wall": wall, "forward_ms": calibration}))
+
+
+def compare(args, prefixes: list[int]) -> None:
+    """--side-by-side / --repeat: every timing in a fresh process of its own, alternating."""
+    here = Path(__file__).resolve()
+    passed_on = ["--device", args.device, "--dtype", args.dtype] + (["--progress"] if args.progress else [])
+    cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    ratios = {prefix_steps: [] for prefix_steps in prefixes}
+    for repeat in range(args.repeat):
+        if args.repeat > 1:
+            print(f"--- repeat {repeat + 1} of {args.repeat}", flush=True)
+        reference = (REFERENCE_SECONDS, "the spec's figure")
+        if args.side_by_side:
+            replay = in_fresh_process(here.with_name("reference_structure.py"), cache)
+            reference = (replay["wall"], "its structure, timed just now on this machine")
+        for prefix_steps in prefixes:
+            wall = in_fresh_process(here, ["--prefix-steps", str(prefix_steps), *passed_on, *cache])["wall"]
+            ratios[prefix_steps].append(wall / reference[0])
+            print(f"prefix steps {prefix_steps}: {wall:.1f} s, ratio to the reference's {reference[0]:.1f} s "
+                  f"({reference[1]}): {wall / reference[0]:.3f}", flush=True)
+    if args.repeat > 1:
+        for prefix_steps, values in ratios.items():
+            print(f"prefix steps {prefix_steps}: ratios to the reference "
+                  f"{', '.join(f'{v:.3f}' for v in values)}; median {statistics.median(values):.3f}")
 
 
 if __name__ == "__main__":

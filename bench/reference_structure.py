@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import sys
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_setting import CARESET, SETTINGS, forward_ms, write_inputs  # bench/, the script's own folder
+from bench_setting import CARESET, SETTINGS, forward_ms, import_libraries, write_inputs  # bench/, the script's own folder
 
 SEED = 42
 NSTEPS = 50
@@ -339,10 +340,17 @@ def report(wall: float, clock: Clock) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also write the wall seconds and the per-stage figures here (bench/erase.py reads them)")
     args = parser.parse_args(argv)
+    import_libraries()
     wall, clock = replay(args.cache_dir)
-    print(f"calibration: one batch-2 UNet forward takes {forward_ms('tiny-random', args.cache_dir):.1f} ms here now")
+    calibration = forward_ms("tiny-random", args.cache_dir)
+    print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now")
     report(wall, clock)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"wall": wall, "seconds": clock.seconds,
+                                             "unet_images": clock.unet_images, "forward_ms": calibration}))
 
 
 if __name__ == "__main__":
