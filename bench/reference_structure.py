@@ -341,16 +341,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None,
-                        help="also write the wall seconds and the per-stage figures here (bench/erase.py reads them)")
+                        help="also write the wall seconds here (bench/erase.py reads them)")
     args = parser.parse_args(argv)
     import_libraries()
     wall, clock = replay(args.cache_dir)
-    calibration = forward_ms("tiny-random", args.cache_dir)
-    print(f"calibration: one batch-2 UNet forward takes {calibration:.1f} ms here now")
+    print(f"calibration: one batch-2 UNet forward takes {forward_ms('tiny-random', args.cache_dir):.1f} ms here now")
     report(wall, clock)
     if args.json_out:
-        args.json_out.write_text(json.dumps({"wall": wall, "seconds": clock.seconds,
-                                             "unet_images": clock.unet_images, "forward_ms": calibration}))
+        args.json_out.write_text(json.dumps({"wall": wall}))
 
 
 if __name__ == "__main__":

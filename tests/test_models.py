@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 
 from recare_cli import cache, models
 from recare_cli.errors import ModelNotAvailable, RecareError, UsageError
+from recare_cli.models.runtime import has_glibc_malloc
 
 TINY_ARGS = ("--model", "tiny-random", "--device", "cpu", "--height", "64", "--width", "64", "--steps", "2")
 
@@ -400,7 +400,7 @@ print(json.dumps({"plain": plain, "tuned": faults_per_encode(vae)}))
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+@pytest.mark.skipif(not has_glibc_malloc(), reason="glibc's allocator")
 def test_cpu_pipeline_makes_freed_tensor_memory_reusable(tiny_model, cache_dir):
     # The setting is process-wide, so a process of its own measures before and after it.
     done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_SCRIPT, str(cache_dir)],

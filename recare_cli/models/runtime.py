@@ -191,20 +191,25 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 KEPT_FREE_BYTES = 1 << 30
 
 
+def has_glibc_malloc() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Let this process reuse the memory of freed CPU tensors instead of handing it back (glibc only).
 
     glibc serves each allocation over 32 MiB with an mmap of its own and unmaps it on free, so
     every such tensor page-faults all its pages in anew: a 512 px VAE pass is made of them (32
     channels of 512x512 floats is 32 MiB), and the faults were half of a `tiny-random` VAE encode's
-    time on a CPU (bench/erase.py). Without those mmaps, and with up to KEPT_FREE_BYTES of freed
+    time on a CPU (bench/cpu_memory.py). Without those mmaps, and with up to KEPT_FREE_BYTES of freed
     heap kept, the next activation reuses the last one's pages. The price: a process keeps up to
     1 GiB it no longer uses until it exits. Returns whether the setting took.
     """
     import ctypes
-    import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc_malloc():
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
