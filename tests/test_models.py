@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -52,11 +53,15 @@ def test_tiny_random_has_the_specified_architecture(tiny_pipe):
 
 # --model resolution --------------------------------------------------------------------------
 
-def test_resolve_builtin_and_folder(tiny_model):
+def test_resolve_builtin_and_folder(tiny_model, tmp_path):
     ref = models.resolve_model("tiny-random")
-    assert (ref.kind, ref.path) == ("builtin", tiny_model)
+    assert (ref.spec, ref.kind, ref.path) == ("tiny-random", "builtin", tiny_model)
     ref = models.resolve_model(str(tiny_model))
-    assert (ref.kind, ref.path) == ("folder", tiny_model)
+    assert (ref.spec, ref.kind, ref.path) == (str(tiny_model), "folder", tiny_model)
+    # --cache-dir: the built-in is the one in that cache (a copy of a finished build, so none runs)
+    other_cache = tmp_path / "other-cache"
+    shutil.copytree(tiny_model, other_cache / "models" / "tiny-random")
+    assert models.resolve_model("tiny-random", other_cache).path == other_cache / "models" / "tiny-random"
 
 
 def test_folder_without_model_index_is_not_a_model(tmp_path):
@@ -79,7 +84,8 @@ def test_readable_safetensors_is_a_single_file_checkpoint(tmp_path):
 
     path = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.w": torch.zeros(1)}, str(path))
-    assert models.resolve_model(str(path)).kind == "single-file"
+    ref = models.resolve_model(str(path))
+    assert (ref.spec, ref.kind, ref.path) == (str(path), "single-file", path)
 
 
 def test_unknown_name_is_not_available(tmp_path, monkeypatch):
@@ -132,6 +138,81 @@ def test_hub_id_not_cached_offline(hf_home, monkeypatch):
         models.resolve_model("org/other", offline=False)
     assert err.value.exit_code == 3
     assert "hf download org/other" in err.value.hint
+
+
+OFFLINE_SCRIPT = """
+import json, socket
+attempts = []
+
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[:1]))
+    raise OSError("the test allows no network")
+
+socket.getaddrinfo = refuse
+socket.socket.connect = lambda self, *args: refuse(*args)
+from recare_cli.errors import ModelNotAvailable
+from recare_cli.models import resolve_model
+
+cached = resolve_model("org/tiny-sd", offline=True)
+try:
+    resolve_model("org/other", offline=True)
+    missing = "resolved"
+except ModelNotAvailable:
+    missing = "not available"
+print(json.dumps({"revision": cached.revision, "missing": missing, "attempts": attempts}))
+"""
+
+
+def test_offline_touches_no_network_even_without_hf_hub_offline(hf_home):
+    # Plugins and scripts call the core with offline=True and may not set HF_HUB_OFFLINE, which
+    # this test session sets for huggingface_hub at import: a process of its own, without it.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    env["HF_HOME"] = str(hf_home)
+    done = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"revision": REVISION, "missing": "not available", "attempts": []}
+
+
+def test_a_hub_id_not_cached_is_downloaded_with_the_pipeline_files_only(hf_home, tiny_model, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):  # the hub, as far as recare sees it
+        calls.append((repo_id, kwargs))
+        if kwargs.get("local_files_only"):
+            raise FileNotFoundError("not in the cache")
+        add_to_hub_cache(hf_home, repo_id, tiny_model)
+        return str(hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / REVISION)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ref = models.resolve_model("org/new-sd")
+    assert (ref.spec, ref.kind, ref.revision) == ("org/new-sd", "hub", REVISION)
+    assert ref.path == hf_home / "hub" / "models--org--new-sd" / "snapshots" / REVISION
+    # the download skips the multi-GB .ckpt files SD repos also hold
+    assert calls[-1] == ("org/new-sd", {"cache_dir": hf_home / "hub", "allow_patterns": models.resolve.HUB_PATTERNS})
+    assert not any(fnmatch.fnmatch("sd-v1-4.ckpt", pattern) for pattern in calls[-1][1]["allow_patterns"])
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("TRUE", True), ("yes", True), ("On", True),
+                                            ("0", False), ("false", False), ("", False), (None, False)])
+def test_hf_hub_offline_values(monkeypatch, value, offline):
+    if value is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert models.is_offline(False) is offline
+    assert models.is_offline(True) is True
+
+
+def test_the_hub_cache_defaults_to_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert models.resolve.hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
 
 
 def test_cli_generates_from_a_cached_hub_id(hf_home, tmp_path, run_cli):
