@@ -406,6 +406,12 @@ def test_foreign_architecture_names_mismatched_keys(tiny_pipe, foreign_unet_file
     assert "(64,) vs (32,)" in message  # the foreign block is twice as wide
 
 
+def test_weights_with_keys_this_unet_lacks_are_refused_by_name(tiny_pipe):
+    state = {**tiny_pipe.unet.state_dict(), "extra_block.weight": torch.zeros(2)}
+    with pytest.raises(RecareError, match=r"does not fit this model's UNet: 1 unexpected \(e.g. extra_block.weight\)"):
+        models.apply_unet_weights(tiny_pipe.unet, state, "extra.safetensors")
+
+
 def test_runtime_loads_unet_weights_onto_the_base_model(tmp_path, erased_state):
     path = tmp_path / "erased.pt"
     torch.save(erased_state, path)
@@ -413,6 +419,26 @@ def test_runtime_loads_unet_weights_onto_the_base_model(tmp_path, erased_state):
     assert (ref.kind, unet_path) == ("builtin", path)
     _assert_same_state(pipe.unet.state_dict(), erased_state)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_a_run_directory_brings_its_learned_tokens_and_loose_weights_do_not(tmp_path, erased_state):
+    from recare_cli.fsutil import write_safetensors
+    from recare_cli.learned_tokens import write_learned_tokens
+
+    row = torch.linspace(-1, 1, 32)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_safetensors(run_dir / models.UNET_FILE, erased_state)
+    write_learned_tokens(run_dir / models.TOKENS_FILE, {"<adv-0>": [row]})
+    pipe, _, _ = models.Runtime("tiny-random", device="cpu").pipeline(unet=str(run_dir))
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<adv-0>")
+    assert token_id != pipe.tokenizer.unk_token_id
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], row)
+    # The same weights under another name are weights only: a tokens file beside them is not theirs.
+    loose = tmp_path / "run" / "erased.safetensors"
+    write_safetensors(loose, erased_state)
+    pipe, _, _ = models.Runtime("tiny-random", device="cpu").pipeline(unet=str(loose))
+    assert "<adv-0>" not in pipe.tokenizer.get_vocab()
 
 
 def test_cli_reference_pt_changes_the_images(tmp_path, erased_state, tiny_pipe, run_cli):
