@@ -339,7 +339,8 @@ def _assert_same_state(loaded: dict, expected: dict) -> None:
     lambda s: {"unet": s, "step": torch.tensor(3)},
     lambda s: {f"module.{k}": v for k, v in s.items()},
     lambda s: {"state_dict": {f"unet.{k}": v for k, v in s.items()}},
-], ids=["plain", "state_dict", "unet-with-extras", "module-prefix", "wrapped-unet-prefix"])
+    lambda s: {"model": {"state_dict": s}},
+], ids=["plain", "state_dict", "unet-with-extras", "module-prefix", "wrapped-unet-prefix", "wrapped-twice"])
 def test_pt_checkpoints_in_every_accepted_layout(tmp_path, erased_state, wrap):
     path = tmp_path / "ReCARE-Diffusers-UNet.pt"
     torch.save(wrap(erased_state), path)
