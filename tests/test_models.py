@@ -88,6 +88,13 @@ def test_readable_safetensors_is_a_single_file_checkpoint(tmp_path):
     assert (ref.spec, ref.kind, ref.path) == (str(path), "single-file", path)
 
 
+def test_a_ckpt_of_tensors_is_a_single_file_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.w": torch.zeros(1)}}, path)
+    ref = models.resolve_model(str(path))
+    assert (ref.spec, ref.kind, ref.path) == (str(path), "single-file", path)
+
+
 def test_unknown_name_is_not_available(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotAvailable, match="built-ins: tiny-random"):
