@@ -231,6 +231,23 @@ def test_cache_clear_one_entry_a_section_and_everything(filled_cache, run_cli):
     assert not any((filled_cache / "models").iterdir())
 
 
+@pytest.mark.parametrize("args", [["kept-run"], ["--section", "erased"], []], ids=["by-name", "section", "all"])
+def test_cache_clear_forgets_an_erased_model_but_never_touches_its_run_directory(tmp_path, run_cli, args):
+    from recare_cli.cache import lookup_erased, register_erased
+
+    root = tmp_path / "cache"
+    run_dir = tmp_path / "runs" / "star"
+    run_dir.mkdir(parents=True)
+    (run_dir / "unet.safetensors").write_bytes(b"the user's erased weights")
+    register_erased(root, "kept-run", run_dir, {"concept": "star"})
+    assert lookup_erased(root, "kept-run") == run_dir.resolve()
+    result = run_cli("cache", "clear", *args, "--yes", "--cache-dir", root, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "erased/kept-run" in json.loads(result.stdout)["removed"]
+    assert lookup_erased(root, "kept-run") is None
+    assert (run_dir / "unet.safetensors").read_bytes() == b"the user's erased weights"
+
+
 def test_cache_clear_without_a_terminal_needs_yes(filled_cache, run_cli):
     # CliRunner's stdin is no terminal; answering on one is tested with a pty in test_bad_inputs.py.
     result = run_cli("cache", "clear", "--cache-dir", filled_cache, input="y\n")
