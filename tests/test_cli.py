@@ -202,6 +202,8 @@ def filled_cache(tmp_path) -> Path:
     (root / "clip" / "ViT-B-32-openai").mkdir(parents=True)
     (root / "clip" / "ViT-B-32-openai" / "vocab.npy").write_bytes(b"y" * 500)
     register_erased(root, "no-nudity", tmp_path, {"concept": "nudity"})
+    (root / "clip" / ".partial-write").mkdir()  # an entry being written: hidden, not listed
+    (root / "clip" / "stray.txt").write_bytes(b"z" * 20)  # a file where entries are folders
     return root
 
 
@@ -209,7 +211,8 @@ def test_cache_shows_location_entries_and_sizes(filled_cache, run_cli, monkeypat
     listing = json.loads(run_cli("cache", "--cache-dir", filled_cache, "--json").stdout)
     assert listing["cache_dir"] == str(filled_cache)
     sizes = {(e["section"], e["name"]): e["size_bytes"] for e in listing["entries"]}
-    assert sizes.keys() == {("models", "some-model"), ("clip", "ViT-B-32-openai"), ("erased", "no-nudity")}
+    assert sizes.keys() == {("models", "some-model"), ("clip", "ViT-B-32-openai"), ("clip", "stray.txt"),
+                            ("erased", "no-nudity")}
     assert sizes[("models", "some-model")] == 3000 and sizes[("clip", "ViT-B-32-openai")] == 500
     assert listing["total_bytes"] == sum(sizes.values())
 
@@ -224,7 +227,8 @@ def test_cache_clear_one_entry_a_section_and_everything(filled_cache, run_cli):
     result = run_cli("cache", "clear", "no-nudity", "--yes", "--cache-dir", filled_cache, "--json")
     assert json.loads(result.stdout)["removed"] == ["erased/no-nudity"]
     result = run_cli("cache", "clear", "--section", "clip", "--yes", "--cache-dir", filled_cache, "--json")
-    assert json.loads(result.stdout) == {"removed": ["clip/ViT-B-32-openai"], "freed_bytes": 500}
+    assert json.loads(result.stdout) == {"removed": ["clip/ViT-B-32-openai", "clip/stray.txt"], "freed_bytes": 520}
+    assert (filled_cache / "clip" / ".partial-write").is_dir()
     assert (filled_cache / "models" / "some-model").is_dir()
     result = run_cli("cache", "clear", "--yes", "--cache-dir", filled_cache)
     assert result.exit_code == 0 and "removed 1 entries" in result.stdout
@@ -246,6 +250,32 @@ def test_cache_clear_forgets_an_erased_model_but_never_touches_its_run_directory
     assert "erased/kept-run" in json.loads(result.stdout)["removed"]
     assert lookup_erased(root, "kept-run") is None
     assert (run_dir / "unet.safetensors").read_bytes() == b"the user's erased weights"
+
+
+def test_an_erased_model_registered_again_points_at_its_latest_run_and_a_deleted_run_is_forgotten(tmp_path):
+    from recare_cli.cache import lookup_erased, register_erased
+
+    root = tmp_path / "cache"
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    register_erased(root, "star", first, {})
+    register_erased(root, "star", second, {})  # the same name again, e.g. a rerun elsewhere
+    assert lookup_erased(root, "star") == second.resolve()
+    second.rmdir()
+    assert lookup_erased(root, "star") is None
+
+
+def test_the_cache_defaults_to_the_platform_cache_folder(tmp_path, monkeypatch):
+    from recare_cli.cache import cache_root
+
+    from platformdirs import user_cache_dir
+
+    monkeypatch.delenv("RECARE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where platformdirs puts it on Linux
+    assert cache_root() == Path(user_cache_dir("recare"))
+    if sys.platform.startswith("linux"):
+        assert cache_root() == tmp_path / "recare"
 
 
 def test_cache_clear_without_a_terminal_needs_yes(filled_cache, run_cli):
