@@ -267,9 +267,9 @@ def test_an_erased_model_registered_again_points_at_its_latest_run_and_a_deleted
 
 
 def test_the_cache_defaults_to_the_platform_cache_folder(tmp_path, monkeypatch):
-    from recare_cli.cache import cache_root
-
     from platformdirs import user_cache_dir
+
+    from recare_cli.cache import cache_root
 
     monkeypatch.delenv("RECARE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where platformdirs puts it on Linux

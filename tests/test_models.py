@@ -106,12 +106,14 @@ def test_unknown_name_is_not_available(tmp_path, monkeypatch):
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-def add_to_hub_cache(home: Path, repo_id: str, folder: Path) -> None:
-    """Store `folder` as `repo_id`'s main revision, in the layout huggingface_hub writes."""
+def add_to_hub_cache(home: Path, repo_id: str, folder: Path) -> Path:
+    """Store `folder` as `repo_id`'s main revision, in the layout huggingface_hub writes; its snapshot folder."""
     repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / REVISION, ignore=shutil.ignore_patterns("recare-builtin.json"))
+    snapshot = repo / "snapshots" / REVISION
+    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("recare-builtin.json"))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(REVISION)
+    return snapshot
 
 
 @pytest.fixture
@@ -192,8 +194,7 @@ def test_a_hub_id_not_cached_is_downloaded_with_the_pipeline_files_only(hf_home,
         calls.append((repo_id, kwargs))
         if kwargs.get("local_files_only"):
             raise FileNotFoundError("not in the cache")
-        add_to_hub_cache(hf_home, repo_id, tiny_model)
-        return str(hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / REVISION)
+        return str(add_to_hub_cache(hf_home, repo_id, tiny_model))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     ref = models.resolve_model("org/new-sd")
