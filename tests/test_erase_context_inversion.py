@@ -158,11 +158,43 @@ def test_no_grad_into_switches_off_and_restores_exactly_the_wanted_gradients():
     assert not any(p.requires_grad for p in module[1].parameters())
 
 
-def test_embedding_matrix_name_names_the_token_embedding(models):
-    from recare_cli.erase.context import embedding_matrix_name
+def test_encode_with_rows_is_encode_with_those_rows_written_into_the_matrix(models):
+    """Two slots, two prompts (one without any slot), each slot twice in a prompt: the same states as
+    when the rows are in the matrix; the gradient reaches the given rows; the matrix is never touched."""
+    slots = torch.tensor([9000, 9001])
+    ids = models.token_ids(["x y x photo", "a photo of a cat"])
+    ids[0, 1:4] = torch.tensor([9000, 9001, 9000])
+    values = torch.randn(2, 32, requires_grad=True)
+    matrix = models.text_encoder.get_input_embeddings().weight
+    before = matrix.detach().clone()
 
-    name = embedding_matrix_name(models.text_encoder)
-    assert dict(models.text_encoder.named_parameters())[name] is models.text_encoder.get_input_embeddings().weight
+    swapped = models.encode_ids([ids], [(slots, values)])
+    assert torch.equal(matrix.detach(), before)
+    written = before.clone()
+    written[slots] = values.detach()
+    with torch.no_grad():
+        matrix.copy_(written)
+        expected = models.encode_ids([ids])
+        matrix.copy_(before)
+    assert torch.allclose(swapped, expected, atol=1e-6)
+    assert not torch.allclose(swapped[0], models.encode_ids([ids])[0], atol=1e-3)
+    assert torch.equal(swapped[1], models.encode_ids([ids])[1])  # no slot in it
+
+    swapped[0].sum().backward()
+    assert values.grad is not None and values.grad.abs().sum(dim=1).gt(0).all()
+    assert matrix.grad is None
+
+
+def test_replaced_rows_leave_the_encoder_as_it_was_even_after_an_error(models):
+    from recare_cli.erase.context import replaced_rows
+
+    ids = models.token_ids(["a photo of a cat"])
+    plain = models.encode_ids([ids])
+    with pytest.raises(RuntimeError):
+        with replaced_rows(models.text_encoder, ids, ids[0, 1:2], torch.zeros(1, 32)):
+            assert not torch.equal(models.encode_ids([ids]), plain)
+            raise RuntimeError
+    assert torch.equal(models.encode_ids([ids]), plain)
 
 
 # inversion.py: tokens, images, and what each inversion step sees ------------------------------------

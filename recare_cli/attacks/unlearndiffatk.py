@@ -68,7 +68,7 @@ class PrefixPrompt:
 
     The prefix sits in k slots: vocabulary ids the prompt does not use, whose rows in each text
     encoder's embedding matrix are replaced by the weighted vocabulary rows inside the forward
-    (`functional_call`, through `EraseModels.encode_ids`, as recare's textual inversion does), so
+    (`EraseModels.encode_ids`' `rows`, as recare's textual inversion does), so
     the encoders run exactly as for text. Slots are real ids below end-of-text: an encoder that
     pools at the highest id (SDXL's OpenCLIP-bigG config says eos_token_id 2) pools at end-of-text,
     as it does for the decoded prompt. SDXL's two tokenizers share one vocabulary: the same weights
@@ -87,8 +87,8 @@ class PrefixPrompt:
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[:room]
         used = set(prompt_ids)
         self.slots = torch.tensor([i for i in vocabulary.tolist() if i not in used][-tokens:], device=models.device)
-        self.matrices = [encoder.get_input_embeddings().weight.detach() for encoder, _ in models.text_encoders]
-        self.vocabulary_rows = [matrix[vocabulary] for matrix in self.matrices]
+        self.vocabulary_rows = [encoder.get_input_embeddings().weight.detach()[vocabulary]
+                                for encoder, _ in models.text_encoders]
         self.token_ids = []
         for _, each in models.text_encoders:
             ids = [each.bos_token_id, *self.slots.tolist(), *prompt_ids, each.eos_token_id]
@@ -96,10 +96,9 @@ class PrefixPrompt:
             self.token_ids.append(torch.tensor([ids], device=models.device))
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
-        tables = [matrix.index_put((self.slots,), weights.to(rows.dtype) @ rows)
-                  for matrix, rows in zip(self.matrices, self.vocabulary_rows)]
+        slot_rows = [(self.slots, weights.to(rows.dtype) @ rows) for rows in self.vocabulary_rows]
         with self.models.autocast():
-            return self.models.encode_ids(self.token_ids, tables).float()
+            return self.models.encode_ids(self.token_ids, slot_rows).float()
 
 
 @torch.no_grad()

@@ -98,24 +98,26 @@ class EraseModels:
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(self.device)
 
-    def encode(self, prompts: list[str], tables: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def encode(self, prompts: list[str], rows: list[tuple] | None = None) -> torch.Tensor:
         """Text conditioning, [len(prompts), L, D]: SD's last hidden states; SDXL's as its pipeline builds them.
 
-        `tables` replaces each text encoder's token-embedding matrix for this call (textual
-        inversion trains one row of them); gradients flow into it.
+        `rows` replaces some token-embedding rows of each text encoder for this call (textual
+        inversion trains one): see `replaced_rows`; gradients flow into them.
         """
-        return self.encode_ids([self.token_ids(prompts, tokenizer) for _, tokenizer in self.text_encoders], tables)
+        return self.encode_ids([self.token_ids(prompts, tokenizer) for _, tokenizer in self.text_encoders], rows)
 
-    def encode_ids(self, token_ids: list[torch.Tensor], tables: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """`encode` of prompts already tokenized: [B, L] ids for each text encoder (each its own padding)."""
+    def encode_ids(self, token_ids: list[torch.Tensor], rows: list[tuple] | None = None) -> torch.Tensor:
+        """`encode` of prompts already tokenized: [B, L] ids for each text encoder (each its own padding).
+
+        `rows[i]` is `(slot_ids [K], values [K, D_i])` for the i-th encoder: wherever a prompt has
+        `slot_ids[j]`, that encoder embeds it as `values[j]`.
+        """
         sdxl = self.text_encoder_2 is not None
         outputs = []
         for i, ((encoder, _), ids) in enumerate(zip(self.text_encoders, token_ids, strict=True)):
-            args, kwargs = (ids,), {"output_hidden_states": sdxl}
-            if tables is None:
-                outputs.append(encoder(*args, **kwargs))
-            else:
-                outputs.append(functional_call(encoder, {embedding_matrix_name(encoder): tables[i]}, args, kwargs))
+            swap = replaced_rows(encoder, ids, *rows[i]) if rows is not None else contextlib.nullcontext()
+            with swap:
+                outputs.append(encoder(ids, output_hidden_states=sdxl))
         if not sdxl:
             return outputs[0][0]
         # SDXL conditions on both encoders' penultimate layers side by side, and on the second's
@@ -213,10 +215,25 @@ def no_grad_into(module: torch.nn.Module):
             p.requires_grad_(True)
 
 
-def embedding_matrix_name(text_encoder) -> str:
-    """The parameter name of the encoder's token-embedding matrix (transformers' layout varies by version)."""
-    matrix = text_encoder.get_input_embeddings().weight
-    return next(name for name, p in text_encoder.named_parameters() if p is matrix)
+@contextlib.contextmanager
+def replaced_rows(text_encoder, token_ids: torch.Tensor, slot_ids: torch.Tensor, values: torch.Tensor):
+    """Inside: `text_encoder` embeds each id of `slot_ids` in `token_ids` as the matching row of `values`.
+
+    The swap happens on the looked-up embeddings, not in the matrix: a copy of the 49,408-row
+    matrix per call (and its dense gradient) would cost more than the text encoder itself.
+    """
+    match = token_ids.unsqueeze(-1) == slot_ids.to(token_ids.device)  # [B, L, K]
+    hit = match.any(dim=-1, keepdim=True)
+    which = match.int().argmax(dim=-1)
+
+    def swap(module, args, embedded):
+        return torch.where(hit, values[which].to(embedded.dtype), embedded)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def snapshot(params: dict) -> dict:

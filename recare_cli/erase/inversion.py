@@ -1,7 +1,7 @@
 """Stage 1, step 2: textual inversion of a new adversarial token (recare-method.md §4.2).
 
-Only the new token's embedding row trains. It is held as its own parameter and written into a
-copy of the embedding matrix inside the forward (`functional_call`), so every other row is never
+Only the new token's embedding row trains. It is held as its own parameter and put in place of
+the token's looked-up embedding inside the forward (`replaced_rows`), so every other row is never
 touched -- the same result as the reference's "train the whole matrix, restore the other rows",
 since AdamW updates each element independently, without a 49,408-row gradient each step. The
 UNet weights an erase stage trains are switched off for the inversion, so backward never computes
@@ -159,12 +159,10 @@ def training_target(scheduler, latents_0: torch.Tensor, noise: torch.Tensor, tim
 def inversion_stage(models: EraseModels, token_id: int, images: list[Path], templates: tuple[str, ...],
                     token: str, settings: InversionSettings, loop: StageLoop) -> torch.Tensor:
     """Learn the embedding of `token` (already added, initialised); return it and write it in."""
-    matrices = [encoder.get_input_embeddings().weight for encoder, _ in models.text_encoders]
     token_row = torch.nn.Parameter(token_embedding(models, token_id).clone())
     optimizer = torch.optim.AdamW([token_row], lr=settings.lr)
     latents_cache = LatentCache(models, images, settings)
-    frozen_matrices = [matrix.detach() for matrix in matrices]
-    token_index = (torch.tensor([token_id], device=models.device),)
+    token_slot = torch.tensor([token_id], device=models.device)
     start = loop.resume({"token_row": token_row}, optimizer)
     with no_grad_into(models.unet):  # only the token row learns
         for step in range(start, settings.steps):
@@ -179,10 +177,9 @@ def inversion_stage(models: EraseModels, token_id: int, images: list[Path], temp
             latents_t = models.scheduler.add_noise(latents_0, noise, timesteps)
 
             optimizer.zero_grad(set_to_none=True)
-            tables = [matrix.index_put(token_index, row.unsqueeze(0))
-                      for matrix, row in zip(frozen_matrices, split_rows(models, token_row))]
+            rows = [(token_slot, row.unsqueeze(0)) for row in split_rows(models, token_row)]
             with models.autocast():
-                embeds_caption = models.encode([caption], tables)
+                embeds_caption = models.encode([caption], rows)
             prediction = models.eps(latents_t, timesteps, embeds_caption)
             loss = F.mse_loss(prediction, training_target(models.scheduler, latents_0, noise, timesteps))
             loss.backward()
@@ -191,7 +188,7 @@ def inversion_stage(models: EraseModels, token_id: int, images: list[Path], temp
 
     learned = token_row.detach().clone()
     with torch.no_grad():
-        for matrix, row in zip(matrices, split_rows(models, learned)):
-            matrix[token_id] = row
+        for (encoder, _), row in zip(models.text_encoders, split_rows(models, learned)):
+            encoder.get_input_embeddings().weight[token_id] = row
     models.forget_embeddings()
     return learned
