@@ -8,6 +8,8 @@
 #   bench/mutmut_subset.sh -m GLOB... -t TESTFILE...     any modules against any test files
 #   options: -k DIR   keep the scratch copy in DIR (rerun one mutant there: `mutmut run NAME`)
 #            -j N     mutants tested at once (default 2)      -p PYTHON (default .venv/bin/python)
+#            -n PATTERN  only the mutants whose names match (fnmatch; repeatable), e.g.
+#                        -n '*encode_ids*': one function of a module too big to run whole
 #
 # Prints mutmut's verdict for every mutant, then the diff of every survivor.
 set -euo pipefail
@@ -42,21 +44,22 @@ preset() {
 
 root=$(git rev-parse --show-toplevel)
 python="$root/.venv/bin/python"
-keep="" jobs=2 mutate=() tests=()
-while getopts "m:t:k:j:p:" opt; do
+keep="" jobs=2 mutate=() tests=() names=()
+while getopts "m:t:k:j:p:n:" opt; do
     case "$opt" in
         m) mutate+=("$OPTARG") ;;
         t) tests+=("$OPTARG") ;;
         k) keep="$OPTARG" ;;
         j) jobs="$OPTARG" ;;
         p) python="$OPTARG" ;;
+        n) names+=("$OPTARG") ;;
         *) exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 if [ $# -gt 0 ]; then preset "$1"; fi
 if [ ${#mutate[@]} -eq 0 ] || [ ${#tests[@]} -eq 0 ]; then
-    echo "usage: $0 PRESET | -m GLOB... -t TESTFILE... [-k DIR] [-j N] [-p PYTHON]" >&2
+    echo "usage: $0 PRESET | -m GLOB... -t TESTFILE... [-k DIR] [-j N] [-p PYTHON] [-n PATTERN...]" >&2
     exit 2
 fi
 python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # not realpath: a venv python is a symlink
@@ -99,9 +102,18 @@ export OMP_NUM_THREADS=1
 for name in BUILTIN_MODELS: builtin_path(name, Path(sys.argv[1]))' "$scratch/.test-cache"
 export RECARE_TEST_MODELS="$scratch/.test-cache/models"
 start=$(date +%s)
-nice -n 15 "$python" -m mutmut run --max-children "$jobs" > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
-echo "# $(date -u +%FT%TZ), $(( $(date +%s) - start )) s: ${mutate[*]} against ${tests[*]}"
+nice -n 15 "$python" -m mutmut run --max-children "$jobs" "${names[@]}" > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
+echo "# $(date -u +%FT%TZ), $(( $(date +%s) - start )) s: ${mutate[*]} ${names[*]} against ${tests[*]}"
 "$python" -m mutmut results --all true > results.txt
+if [ ${#names[@]} -gt 0 ]; then  # `results` lists every mutant of the module; keep the ones asked for
+    "$python" - "${names[@]}" <<'PY'
+import fnmatch, sys
+from pathlib import Path
+lines = Path("results.txt").read_text().splitlines()
+kept = [l for l in lines if any(fnmatch.fnmatch(l.split(": ")[0].strip(), p) for p in sys.argv[1:])]
+Path("results.txt").write_text("".join(l + "\n" for l in kept))
+PY
+fi
 cat results.txt
 awk -F': ' '{n++; c[$2]++} END {printf "# %d mutants:", n; for (s in c) printf " %d %s", c[s], s; print ""}' results.txt
 for name in $(awk -F': ' '$2 != "killed" {print $1}' results.txt); do
