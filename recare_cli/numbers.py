@@ -72,6 +72,10 @@ RULES: dict[str, Rule] = {
     "rounds": Rule(0, 1000), "num_adv_concepts": Rule(0, 1000), "care_top_k": COUNT, "care_top_n": COUNT,
     "top_k_per_image": COUNT, "top_n_tokens": Rule(2, 10_000_000), "n_clusters": Rule(1, 10_000),
     "min_cluster_size": Rule(2, 10_000_000), "care_min_cluster_size": Rule(2, 10_000_000), "k_each_side": Rule(0, 10_000), "top_k": Rule(1, 1000), "rank": Rule(1, 100_000),
+    # UCE's closed form: a scale of 0 switches its term off; lambda keeps the system solvable
+    "uce_erase_scale": Rule(0.0, 1e6), "uce_preserve_scale": Rule(0.0, 1e6), "uce_lamb": Rule(0.0, 1e6, low_open=True),
+    # attacks
+    "attack_steps": COUNT, "attack_tokens": Rule(1, 1000), "attack_lr": LEARNING_RATE, "attack_seed": SEED,
 }
 
 

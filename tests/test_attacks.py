@@ -266,6 +266,10 @@ def test_concept_inversion_learns_from_the_runs_images(tmp_path, run_dir, run_cl
     (["-p", "x", "--attack", "concept-inversion"], "but which concept?"),
     (["-p", "x", "--attack", "concept-inversion", "--target", "apple"], "no erase run is evaluated — pass --attack-images"),
     (["-p", "x", "--attack", "unlearndiffatk", "--attack-steps", "0"], "--attack-steps must be at least 1"),
+    (["-p", "x", "--attack", "unlearndiffatk", "--attack-lr", "1e30"], "--attack-lr must be greater than 0 and at most 1"),
+    (["-p", "x", "--attack", "unlearndiffatk", "--attack-lr", "nan"], "--attack-lr must be a finite number"),
+    (["-p", "x", "--attack", "unlearndiffatk", "--attack-tokens", "0"], "--attack-tokens must be at least 1"),
+    (["-p", "x", "--attack", "unlearndiffatk", "--attack-seed", "-1"], "--attack-seed must be at least 0"),
 ])
 def test_bad_attack_input_is_a_usage_error_before_anything_loads(tmp_path, run_dir, run_cli, monkeypatch, extra, message):
     from recare_cli.models import Runtime

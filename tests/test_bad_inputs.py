@@ -242,6 +242,32 @@ def test_numbers_are_checked_by_one_module_for_cli_and_library_alike():
         generate([], Path("unused"), Runtime("tiny-random"), GenerateSettings(guidance=float("inf")))
 
 
+def test_every_number_option_of_every_command_has_a_rule():
+    """A new int or float option without a rule in recare_cli.numbers would take NaN, infinity or a
+    negative count to wherever it is used (--uce-erase-scale nan once reached the manifest)."""
+    import typing
+
+    import typer
+
+    from recare_cli.cli.app import app
+    from recare_cli.numbers import RULES
+
+    def commands(command, path=()):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from commands(sub, (*path, name))
+        else:
+            yield " ".join(path), command.callback
+
+    def numeric(annotation) -> bool:
+        return annotation in (int, float) or any(numeric(a) for a in typing.get_args(annotation))
+
+    options = {(path, name) for path, callback in commands(typer.main.get_command(app))
+               for name, annotation in typing.get_type_hints(callback).items() if numeric(annotation)}
+    assert len(options) > 30 and {name for _, name in options} >= {"guidance", "uce_lamb", "attack_lr", "seed"}
+    assert sorted(option for option in options if option[1] not in RULES) == []
+
+
 def test_long_prompts_get_short_unique_file_names():
     from recare_cli.generate import MAX_NAME_BYTES, image_filename
 

@@ -243,10 +243,12 @@ def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model)
 
 
 @pytest.mark.parametrize("extra,message,hint", [
-    (("--uce-lamb", "0"), "--uce-lamb must be positive (got 0.0)",
-     "it keeps the edited weights near the original ones and the system solvable; default 0.5"),
-    (("--uce-erase-scale", "-1"), "--uce-erase-scale must be 0 or more (got -1.0)", None),
-    (("--uce-preserve-scale", "-0.5"), "--uce-preserve-scale must be 0 or more (got -0.5)", None),
+    (("--uce-lamb", "0"), "--uce-lamb must be greater than 0 and at most 1e+06 (got 0.0)", "leave out --uce-lamb"),
+    (("--uce-lamb", "nan"), "--uce-lamb must be a finite number, greater than 0", "leave out --uce-lamb"),
+    (("--uce-erase-scale", "-1"), "--uce-erase-scale must be at least 0 and at most 1e+06 (got -1.0)", None),
+    (("--uce-erase-scale", "nan"), "--uce-erase-scale must be a finite number, at least 0", None),
+    (("--uce-preserve-scale", "-0.5"), "--uce-preserve-scale must be at least 0 and at most 1e+06 (got -0.5)", None),
+    (("--uce-preserve-scale", "inf"), "--uce-preserve-scale must be a finite number", None),
     (("--erase-from", "a painting"), "--erase-from is not an option of --method uce",
      "UCE maps each concept to its guide: pass --guide PROMPT instead"),
     (("--preserve", " "), "--preserve is empty", "name a concept to keep, or 'careset' for the CARE set's words"),
@@ -258,12 +260,15 @@ def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message, 
         assert hint in result.stderr
 
 
-def test_uce_scales_of_zero_are_allowed():
+def test_uce_scales_of_zero_are_allowed_and_bad_numbers_are_refused_in_the_core_too():
     """A scale of 0 switches its term off (the published code allows it); only negative ones are refused."""
-    from recare_cli.erase.request import EraseRequest
-    from recare_cli.erase.uce import check_uce_request
+    from recare_cli.erase.request import EraseRequest, check_request
+    from recare_cli.errors import UsageError
 
-    check_uce_request(EraseRequest(concepts=["x"], method="uce", uce_erase_scale=0.0, uce_preserve_scale=0.0))
+    check_request(EraseRequest(concepts=["x"], concept_type="object", method="uce", uce_erase_scale=0.0,
+                               uce_preserve_scale=0.0))
+    with pytest.raises(UsageError, match="--uce-erase-scale must be a finite number"):
+        check_request(EraseRequest(concepts=["x"], concept_type="object", method="uce", uce_erase_scale=float("nan")))
 
 
 def test_preserve_is_refused_by_the_trained_methods(run_cli, tmp_path):

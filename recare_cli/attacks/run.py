@@ -23,6 +23,7 @@ from pathlib import Path
 from recare_cli.attacks import Adversarial, AttackContext, AttackSettings, AttackTarget, ConceptSource
 from recare_cli.errors import RecareError, UsageError
 from recare_cli.fsutil import list_images, write_json, write_text
+from recare_cli.numbers import check_all
 from recare_cli.output import Reporter
 
 NO_ATTACK = "none"
@@ -74,11 +75,8 @@ def plan_attack(name: str | None, settings: AttackSettings, *, images_dir, unet:
     if attack.needs_target_images and unet is not None and compare is None:
         raise UsageError(f"--attack {name} needs the base model's image of every prompt to aim at",
                          hint="add --compare base (or --compare MODEL)")
-    for value, flag in ((settings.steps, "--attack-steps"), (settings.tokens, "--attack-tokens")):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1 (got {value})")
-    if settings.lr is not None and not settings.lr > 0:
-        raise UsageError(f"--attack-lr must be positive (got {settings.lr})")
+    check_all({"attack_steps": settings.steps, "attack_tokens": settings.tokens, "attack_lr": settings.lr,
+               "attack_seed": settings.seed})
     unused = [FLAGS[k] for k in settings.given() if k not in attack.options]
     if unused:
         reporter.warn(f"{', '.join(unused)} unused: --attack {name} does not read it")

@@ -47,12 +47,6 @@ def check_uce_request(request) -> None:
     if request.erase_from:
         raise UsageError("--erase-from is not an option of --method uce",
                          hint="UCE maps each concept to its guide: pass --guide PROMPT instead")
-    for flag, value in (("--uce-erase-scale", request.uce_erase_scale), ("--uce-preserve-scale", request.uce_preserve_scale)):
-        if value < 0:
-            raise UsageError(f"{flag} must be 0 or more (got {value})")
-    if request.uce_lamb <= 0:
-        raise UsageError(f"--uce-lamb must be positive (got {request.uce_lamb})",
-                         hint="it keeps the edited weights near the original ones and the system solvable; default 0.5")
     if any(not word.strip() for word in request.preserve):
         raise UsageError("--preserve is empty", hint="name a concept to keep, or 'careset' for the CARE set's words")
 
