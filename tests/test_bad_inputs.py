@@ -191,6 +191,11 @@ CASES = [
     # image folders: every image checked up front, in one place, by every command that reads one
     ("erase-bad-images", [*ERASE, "--images", "{ws}/bad-images", "--output-dir", OUT], 2,
      "none of the 2 images in --images"),
+    # the CARE set's CLIP: checked before the training images are rendered
+    ("erase-clip-model-unknown", [*ERASE, "--clip-model", "nosuch", "--output-dir", OUT], 2,
+     "--clip-model 'nosuch' is not an open_clip model"),
+    ("erase-clip-tag-unknown", [*ERASE, "--clip-model", "ViT-B-32", "--clip-pretrained", "nosuch", "--output-dir", OUT],
+     2, "--clip-pretrained 'nosuch' is neither a file nor a pretrained tag of ViT-B-32"),
     ("eval-bad-images", [*EVAL, "--images", "{ws}/bad-images", "--output-dir", OUT], 2,
      "none of the 2 images in --images"),
     ("careset-bad-images", ["careset", "--concept", "cat", "--images", "{ws}/bad-images", "--output-dir", OUT,

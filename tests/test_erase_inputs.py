@@ -213,3 +213,40 @@ def test_the_careset_is_built_with_the_base_models_own_clip_unless_one_is_asked(
         inputs.build_careset_for(EraseRequest(concepts=["nudity"]), [plan_concept("nudity")], {"nudity": tmp_path},
                                  tmp_path, Runtime("tiny-random", device="cpu"), stages, stages.reporter)
     assert calls["clip"][0][0][0] == default_clip_model("tiny-random")
+
+
+# the CARE set's CLIP, checked before the run starts ------------------------------------------------
+
+def test_an_unavailable_clip_fails_before_the_run_unless_the_run_already_has_its_careset(tmp_path, monkeypatch,
+                                                                                         tiny_model):
+    """ViT-B-32/openai is never cached in the test session, and --offline forbids the download: the
+    run fails before its folder exists (not after rendering its images). A resumed run whose CARE
+    set is built needs no CLIP, and goes on to load its models."""
+    from recare_cli.erase import run
+    from recare_cli.errors import ModelNotAvailable
+
+    request = EraseRequest(concepts=["cat"], concept_type="object", clip_model="ViT-B-32", iterations=1,
+                           resolution=64, output_dir=str(tmp_path / "run"))
+    runtime = Runtime("tiny-random", device="cpu", offline=True)
+    with pytest.raises(ModelNotAvailable, match="CLIP weights ViT-B-32/openai are not cached and recare is offline"):
+        run.run_erase(request, runtime)
+    assert not (tmp_path / "run").exists()
+
+    class Loaded(Exception):
+        pass
+
+    def load_models(*args):
+        raise Loaded
+
+    monkeypatch.setattr(run, "_load_models", load_models)
+    # What an earlier attempt of this run leaves once it has built its CARE set.
+    from recare_cli.erase.request import input_hashes, run_hash, with_method_defaults
+    from recare_cli.fsutil import write_json
+
+    digest = run_hash(with_method_defaults(request), runtime.resolve().describe(), runtime.dtype, input_hashes(request))
+    (tmp_path / "run").mkdir()
+    write_json(tmp_path / "run" / run.MANIFEST, run.Writer("erase", digest).stamp({"run_hash": digest, "stages": {}}))
+    (tmp_path / "run" / inputs.CARESET_FILE).write_text(json.dumps({"cat_care_word": ["A tree"],
+                                                                     "cat_care_word_photo": ["A photo of tree"]}))
+    with pytest.raises(Loaded):
+        run.run_erase(request, runtime)

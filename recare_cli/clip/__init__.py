@@ -13,9 +13,9 @@ Nothing heavy is imported at module level.
 """
 
 from recare_cli.clip.builtin import builtin_clip_path
-from recare_cli.clip.load import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, default_clip_model, load_clip
+from recare_cli.clip.load import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, default_clip_model, load_clip, locate_clip
 from recare_cli.clip.model import LOCAL_DIR, OPEN_CLIP_CONFIG, ClipModel, quiet_open_clip
 from recare_cli.clip.vocab import cache_slug, vocab_embeddings
 
 __all__ = ["DEFAULT_CLIP_MODEL", "DEFAULT_CLIP_PRETRAINED", "LOCAL_DIR", "OPEN_CLIP_CONFIG", "ClipModel", "builtin_clip_path",
-           "cache_slug", "default_clip_model", "load_clip", "quiet_open_clip", "vocab_embeddings"]
+           "cache_slug", "default_clip_model", "load_clip", "locate_clip", "quiet_open_clip", "vocab_embeddings"]

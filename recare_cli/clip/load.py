@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recare_cli.clip.builtin import BUILTIN_CLIPS, BUILTIN_MODEL_CLIPS, TINY_RANDOM, TOY, builtin_clip_path
@@ -22,37 +23,61 @@ def default_clip_model(base_model: str) -> str:
     return BUILTIN_MODEL_CLIPS.get(base_model, DEFAULT_CLIP_MODEL)
 
 
+@dataclass(frozen=True)
+class ClipSource:
+    """Where a CLIP comes from, checked and on disk (or for open_clip to fetch): `_create`'s arguments."""
+
+    spec: str
+    checkpoint: str | None
+    key: str
+    name: str
+    pretrained: str | None
+    preprocess_overlay: dict = field(default_factory=dict)
+    quick_gelu: bool = False
+
+
 def load_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
               cache_dir=None, offline: bool = False, device: str = "cpu") -> ClipModel:
     """Load a CLIP model (see the module docstring for what `name` and `pretrained` accept)."""
-    from recare_cli.models import is_offline, resolve_device
+    from recare_cli.models import resolve_device
+
+    source = locate_clip(name, pretrained, cache_dir, offline)
+    return _create(source, resolve_device(device))
+
+
+def locate_clip(name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+                cache_dir=None, offline: bool = False) -> ClipSource:
+    """Every refusal `load_clip` can give short of building the model, and the weights fetched.
+
+    A command that loads its CLIP only after long work (erase renders the training images first)
+    calls this before starting, so a mistyped --clip-model costs nothing.
+    """
+    from recare_cli.models import is_offline
 
     if not name or not name.strip():
         raise UsageError("--clip-model is empty", hint=f"e.g. {DEFAULT_CLIP_MODEL} or {TINY_RANDOM}")
-    device = resolve_device(device)
     offline = is_offline(offline)
     if name in BUILTIN_CLIPS:
         folder, digest = builtin_clip_path(name, cache_dir)
-        return _load_folder(folder, f"{name}:{digest}", name, None, device)
+        return _folder_source(folder, f"{name}:{digest}", name)
     if name.startswith(LOCAL_DIR) or Path(name).expanduser().is_dir():
         folder = Path(name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name).expanduser()
-        return _load_folder(folder, f"local-dir:{_file_identity(folder)}", name, None, device)
+        return _folder_source(folder, f"local-dir:{_file_identity(folder)}", name)
     if name.startswith(HF_HUB):
-        return _load_hf_hub(name, offline, device)
-    return _load_named(name, pretrained, offline, device)
+        return _hf_hub_source(name, offline)
+    return _named_source(name, pretrained, offline)
 
 
-def _load_folder(folder: Path, key: str, name: str, pretrained: str | None, device: str) -> ClipModel:
+def _folder_source(folder: Path, key: str, name: str) -> ClipSource:
     if not (folder / OPEN_CLIP_CONFIG).is_file():
         raise RecareError(
             f"CLIP folder '{folder}' has no {OPEN_CLIP_CONFIG}",
             hint="an open_clip folder holds open_clip_config.json and its weights",
         )
-    spec = f"{LOCAL_DIR}{folder}"
-    return _create(spec, None, key, name, pretrained, device, preprocess_overlay={})
+    return ClipSource(f"{LOCAL_DIR}{folder}", None, key, name, None)
 
 
-def _load_hf_hub(name: str, offline: bool, device: str) -> ClipModel:
+def _hf_hub_source(name: str, offline: bool) -> ClipSource:
     if offline:
         from huggingface_hub import try_to_load_from_cache
 
@@ -62,10 +87,10 @@ def _load_hf_hub(name: str, offline: bool, device: str) -> ClipModel:
                 f"CLIP '{name}' is not in the local Hugging Face cache and recare is offline",
                 hint="download it once online, or pass a local open_clip folder with --clip-model",
             )
-    return _create(name, None, name, name, None, device, preprocess_overlay={})
+    return ClipSource(name, None, name, name, None)
 
 
-def _load_named(name: str, pretrained: str | None, offline: bool, device: str) -> ClipModel:
+def _named_source(name: str, pretrained: str | None, offline: bool) -> ClipSource:
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
@@ -81,8 +106,7 @@ def _load_named(name: str, pretrained: str | None, offline: bool, device: str) -
         raise UsageError(f"--clip-pretrained is empty for '{name}'", hint=SUPPLY_HINT)
     checkpoint = Path(pretrained).expanduser()
     if checkpoint.is_file():
-        return _create(name, str(checkpoint), f"{name}:file:{_file_identity(checkpoint)}", name, pretrained,
-                       device, preprocess_overlay={})
+        return ClipSource(name, str(checkpoint), f"{name}:file:{_file_identity(checkpoint)}", name, pretrained)
     tag_cfg = get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
         tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
@@ -93,8 +117,8 @@ def _load_named(name: str, pretrained: str | None, offline: bool, device: str) -
     weights = _tag_weights(name, pretrained, tag_cfg, offline)
     # The reference builds OpenAI CLIPs with QuickGELU (open_clip < 3 did this for `openai`); open_clip
     # 3 only warns about the mismatch, which would change every embedding.
-    return _create(name, weights, f"{name}:{pretrained}", name, pretrained, device,
-                   preprocess_overlay=tag_cfg, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    return ClipSource(name, weights, f"{name}:{pretrained}", name, pretrained,
+                      preprocess_overlay=tag_cfg, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
 
 
 def _tag_weights(name: str, tag: str, tag_cfg: dict, offline: bool) -> str:
@@ -141,16 +165,16 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
     return None
 
 
-def _create(spec: str, checkpoint: str | None, key: str, name: str, pretrained: str | None, device: str,
-            preprocess_overlay: dict, quick_gelu: bool = False) -> ClipModel:
+def _create(source: ClipSource, device: str) -> ClipModel:
     import open_clip
     from open_clip.transform import merge_preprocess_dict
 
-    overlay = merge_preprocess_dict({}, preprocess_overlay)
+    spec, checkpoint = source.spec, source.checkpoint
+    overlay = merge_preprocess_dict({}, source.preprocess_overlay)
     try:
         with quiet_open_clip():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec, pretrained=checkpoint, device=device, force_quick_gelu=quick_gelu,
+                spec, pretrained=checkpoint, device=device, force_quick_gelu=source.quick_gelu,
                 image_mean=overlay.get("mean"), image_std=overlay.get("std"),
                 image_interpolation=overlay.get("interpolation"), image_resize_mode=overlay.get("resize_mode"),
             )
@@ -166,11 +190,11 @@ def _create(spec: str, checkpoint: str | None, key: str, name: str, pretrained: 
                 hint="check the repo id and your network, or pass a local open_clip folder with --clip-model",
             ) from None
         raise RecareError(
-            f"could not load CLIP weights '{where}' into {name}: {type(exc).__name__}: {first_line[:200]}",
+            f"could not load CLIP weights '{where}' into {source.name}: {type(exc).__name__}: {first_line[:200]}",
             hint="does the checkpoint match --clip-model?",
         ) from None
     model.eval()
-    return ClipModel(model, tokenizer, preprocess, key, name, pretrained, device)
+    return ClipModel(model, tokenizer, preprocess, source.key, source.name, source.pretrained, device)
 
 
 def _file_identity(path: Path) -> str:

@@ -9,11 +9,11 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+from recare_cli.careset.file import CARESET_FILE
 from recare_cli.fsutil import atomic_path, write_json
 from recare_cli.models import Runtime
 from recare_cli.presets import slug
 
-CARESET_FILE = "careset.json"
 STAGES_DIR = "stages"
 IMAGES_DIR = "images"
 

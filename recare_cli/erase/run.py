@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recare_cli.erase.inputs import (
-    STAGES_DIR, build_careset_for, read_careset_file, training_images, warn_foreign_careset, write_careset,
+    CARESET_FILE, STAGES_DIR, build_careset_for, clip_model_for, read_careset_file, training_images,
+    warn_foreign_careset, write_careset,
 )
 from recare_cli.erase.request import (
     CARESET_PRESERVE, EraseRequest, check_request, erase_from_prompts, input_hashes, parameters, run_hash,
@@ -105,6 +106,11 @@ def run_erase(request: EraseRequest, runtime: Runtime, reporter: Reporter = QUIE
     digest = run_hash(request, ref.describe(), runtime.dtype, hashes)
     cache_name = f"{slug('-'.join(concepts))}-{digest}"
     run_dir = _run_dir(request, concepts, digest)
+    if with_careset and careset_given is None and not (run_dir / CARESET_FILE).is_file():
+        from recare_cli.clip import locate_clip
+
+        # The CARE set's CLIP loads after the training images are rendered: check it now.
+        locate_clip(clip_model_for(request, runtime), request.clip_pretrained, runtime.cache_dir, runtime.offline)
     ensure_writable_dir(run_dir)
     previous = _previous_manifest(run_dir, digest)
 
