@@ -7,7 +7,6 @@ requests, and the one-line error every mistake in it gets.
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from recare_cli.erase.request import (
     EraseRequest, check_request, erase_from_prompts, input_hashes, parameters, run_hash, uses_careset,
     with_method_defaults,
 )
-from recare_cli.errors import RecareError, UsageError
-from recare_cli.models import Runtime
+from recare_cli.errors import UsageError
 
 MODEL = {"model": "tiny-random", "revision": None}
 

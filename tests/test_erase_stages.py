@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_erase_cli import CARESET, inputs, load, same_tensors, tiny_args  # noqa: F401 - `inputs` is a fixture
+from test_erase_cli import CARESET, inputs, load, tiny_args  # noqa: F401 - `inputs` is a fixture
 
 STAGE2_ITERATIONS = 3  # one pass over [concept, token 0, token 1], each anchor and retain once
 
