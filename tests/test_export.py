@@ -181,9 +181,17 @@ def test_single_file_sd2_uses_the_open_clip_layout(run_cli, sd2_model, tmp_path)
 @pytest.mark.filterwarnings("ignore:.*lora_bias=True.*")  # PEFT: bias-free layers cannot be merged; unused here
 def test_full_rank_lora_reproduces_the_erased_unet(run_cli, run_dir, erased_state, tiny_pipe, tmp_path):
     out = tmp_path / "erased-lora.safetensors"
-    data = _json_result(run_cli("export", run_dir, "-f", "lora", "-o", out, "--rank", "4096", "--json"))
+    result = run_cli("export", run_dir, "-f", "lora", "-o", out, "--rank", "4096", "--json")
+    data = _json_result(result)
     assert data["relative_error"] < 1e-5 and data["not_representable"] == 0
     assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(out)))
+    # No layer of tiny-random is 4096 wide: the file, its header and the report say the rank it has.
+    widest = max(v.shape[0] for k, v in load_file(str(out)).items() if k.endswith("lora_A.weight"))
+    assert data["rank"] == widest < data["rank_asked"] == 4096
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["rank"] == str(widest)
+    human = run_cli("export", run_dir, "-f", "lora", "-o", tmp_path / "again.safetensors", "--rank", "4096")
+    assert f"rank {widest} (--rank 4096: no changed layer is wider) over" in human.stdout
 
     pipe = copy.deepcopy(tiny_pipe)
     pipe.load_lora_weights(str(out))
@@ -207,7 +215,7 @@ def test_low_rank_lora_reports_the_svd_tail_as_its_error(run_cli, run_dir, erase
     assert data["relative_error"] == pytest.approx((tail / total) ** 0.5, rel=1e-4)
     assert data["max_abs_diff_vs_source"] > data["max_abs_diff"]
     ranks = {v.shape[0] for k, v in load_file(str(out)).items() if k.endswith("lora_A.weight")}
-    assert ranks == {2}
+    assert ranks == {2} and data["rank"] == data["rank_asked"] == 2
 
 
 def test_tokens_export_loads_with_load_textual_inversion(run_cli, run_dir, tiny_pipe, tmp_path):

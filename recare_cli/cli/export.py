@@ -76,7 +76,10 @@ def export(
     def render(console) -> None:
         console.print(f"exported {result.format} ({result.dtype}) → {result.output}", highlight=False)
         if result.format == "lora":
-            console.print(f"rank {result.details['rank']} over {result.details['layers']} layers: relative "
+            capped = result.details["rank"] < result.details["rank_asked"]
+            rank = f"rank {result.details['rank']}" + (
+                f" (--rank {result.details['rank_asked']}: no changed layer is wider)" if capped else "")
+            console.print(f"{rank} over {result.details['layers']} layers: relative "
                           f"approximation error {result.details['relative_error']:.4g}; UNet forward vs the "
                           f"source differs by {result.details['max_abs_diff_vs_source']:.3g}", highlight=False)
         console.print(f"check: max abs difference {result.max_abs_diff:.3g} against {result.checked_against} "

@@ -19,6 +19,7 @@ class LoraFactors:
     reconstructed: dict  # base + B @ A (+ bias delta) per changed weight: what the file encodes
     relative_error: float  # ||dW - B A||_F / ||dW||_F over every changed weight
     layers: int
+    rank: int  # the largest rank of any layer: the one asked for, or less where no layer is that wide
     not_representable: list[str]  # changed weights outside Linear/Conv2d layers (norms, embeddings)
 
 
@@ -45,6 +46,7 @@ def lora_factors(unet, base_state: dict, erased_state: dict, rank: int,
     any_bias_delta = any(_changed(base_state, erased_state, f"{name}.bias") for name in layers)
     tensors, reconstructed = {}, {}
     residual_energy = total_energy = 0.0
+    largest_rank = 0
     with reporter.progress("LoRA factors (SVD)", total=len(layers)) as task:
         for name in layers:
             weight_key = f"{name}.weight"
@@ -53,6 +55,7 @@ def lora_factors(unet, base_state: dict, erased_state: dict, rank: int,
             delta_matrix = delta_weight.reshape(delta_weight.shape[0], -1)
             u, s, vh = torch.linalg.svd(delta_matrix, full_matrices=False)
             r = min(rank, s.numel())
+            largest_rank = max(largest_rank, r)
             sqrt_s = s[:r].sqrt()
             lora_b = u[:, :r] * sqrt_s  # [out, r]
             lora_a = sqrt_s[:, None] * vh[:r]  # [r, in * kh * kw]
@@ -76,7 +79,7 @@ def lora_factors(unet, base_state: dict, erased_state: dict, rank: int,
                     reconstructed[bias_key] = base_state[bias_key].float() + delta_bias
             task.advance(1, layer=name.split(".")[0])
     relative_error = (residual_energy / total_energy) ** 0.5 if total_energy > 0 else 0.0
-    return LoraFactors(tensors, reconstructed, relative_error, len(layers), not_representable)
+    return LoraFactors(tensors, reconstructed, relative_error, len(layers), largest_rank, not_representable)
 
 
 def _changed(base_state: dict, erased_state: dict, *keys: str) -> bool:
@@ -95,7 +98,7 @@ def _export_lora(pipe, ref, source, settings, staged: Path, reporter) -> ExportR
         reporter.warn(f"{len(factors.not_representable)} changed weights are not in Linear/Conv2d layers and are "
                       f"left out of the LoRA (e.g. {', '.join(factors.not_representable[:3])})")
     save_file(_cast(factors.tensors, settings.dtype), str(staged),
-              metadata=_metadata(source, ref, settings, rank=settings.rank,
+              metadata=_metadata(source, ref, settings, rank=factors.rank,
                                  relative_error=f"{factors.relative_error:.6g}"))
 
     pipe.unet.load_state_dict({**base_state, **factors.reconstructed})
@@ -117,8 +120,8 @@ def _export_lora(pipe, ref, source, settings, staged: Path, reporter) -> ExportR
     diff = max_abs_diff(lora_probe, reconstructed_probe)
     return ExportResult(
         "lora", "", ref.spec, settings.dtype, diff, TOLERANCE[settings.dtype],
-        f"the base plus the rank-{settings.rank} difference",
-        details={"rank": settings.rank, "layers": factors.layers,
+        f"the base plus the rank-{factors.rank} difference",
+        details={"rank": factors.rank, "rank_asked": settings.rank, "layers": factors.layers,
                  "relative_error": factors.relative_error,
                  "max_abs_diff_vs_source": max_abs_diff(lora_probe, reference),
                  "not_representable": len(factors.not_representable)},
