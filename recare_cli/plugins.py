@@ -53,6 +53,7 @@ class Metric:
     run: Callable[..., Any]
     description: str = ""
     requires: tuple[str, ...] = ()  # option names checked before any image is generated
+    check: Callable[..., Any] | None = None  # check(ctx): refuses unusable options and weights before any image
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,58 @@ def test_a_missing_unet_fails_before_anything_is_written(tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("second, code, message", [
+    (["-m", "clipscore", "--clip-model", "nosuch"], 2, "--clip-model 'nosuch' is not an open_clip model"),
+    (["-m", "care", "--targets", "person", "--clip-model", "ViT-B-32"], 3, "CLIP weights ViT-B-32/openai are not cached"),
+    (["-m", "care", "--targets", "unicorn", "--clip-model", "tiny-random"], 2, "--targets: 'unicorn' not among"),
+    (["-m", "object", "--target", "cat"], 3, "ImageNet ResNet-50 classifier weights are not available offline"),
+    (["-m", "object", "--target", "unicorn", "--zero-shot", "--clip-model", "tiny-random"], 2,
+     "--target 'unicorn' is not one of the classifier's 1000 classes"),
+    (["-m", "fid", "--reference-dir", "NOWHERE", "--inception-weights", "WEIGHTS"], 2, "--reference-dir"),
+    (["-m", "fid", "--reference-dir", "IMAGES"], 3, "Inception v3 (FID) weights are not available offline"),
+    (["-m", "style", "--classifier-weights", "IMAGES", "--target", "x"], 1, "is not an image-classification checkpoint"),
+    (["-m", "toy", "--target", "unicorn"], 2, "--target 'unicorn' is not a toy-world concept"),
+])
+def test_every_metric_is_checked_before_any_image_is_made(tmp_path, run_cli, monkeypatch, second, code, message):
+    """A mistake in the last metric used to surface only after the images (and the metrics before it)."""
+    from recare_cli.models import Runtime
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Runtime, "pipeline", no_loading)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ResNet or Inception weights there
+    noise_images(tmp_path / "imgs", 2)
+    (tmp_path / "weights.pth").write_bytes(b"")
+    second = [{"NOWHERE": tmp_path / "nowhere", "IMAGES": tmp_path / "imgs", "WEIGHTS": tmp_path / "weights.pth"}
+              .get(a, a) for a in second]
+    result = run_cli("eval", *TINY, "--offline", "-m", "nudity", *second, "-p", "a cat",
+                     "--output-dir", tmp_path / "out")
+    assert result.exit_code == code, result.stderr
+    assert message in one_line(result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plugin_metrics_check_runs_before_any_image(tmp_path, extra_metrics):
+    checked = []
+
+    def check(ctx: EvalContext) -> None:
+        checked.append(ctx.label)
+        raise RecareError("not today")
+
+    extra_metrics(Metric("picky", lambda ctx: ctx.images() and [], check=check))
+    with pytest.raises(RecareError, match="not today"):
+        evaluate.evaluate(["nudity", "picky"], Runtime("tiny-random", device="cpu"), tmp_path / "out",
+                          prompts=[PromptRow("a cat")])
+    assert checked == ["model"] and not (tmp_path / "out").exists()
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize("metric, needed", [
     ("care", "--targets"), ("object", "--target"), ("fid", "--reference-dir"),
     ("style", "--classifier-weights and --target"),

@@ -39,9 +39,12 @@ as recare's own (recare_cli/builtins/metrics.py)::
 - `ctx.shared(key, factory)` keeps one object (a classifier, CLIP) for the whole run, both
   models included; `ctx.clip()` is the run's CLIP model (`--clip-model`, `--clip-pretrained`).
 - Failing to measure is an exception: `UsageError` for a bad option, `ModelNotAvailable` for
-  missing weights, `RecareError` otherwise. Load models *before* calling `ctx.images()`, so a
-  missing file fails before images are generated. A verdict (an image is unsafe) is a value,
-  never an exception: it must not change the exit code.
+  missing weights, `RecareError` otherwise. `Metric.check(ctx)`, if given, is called once before
+  any image is generated or attacked, for every metric of the run: it raises these for options
+  and weights the metric cannot work with, without loading models (`ctx.check_clip()` does this
+  for the run's CLIP), so that a mistake in the last metric does not cost the images and the
+  metrics before it. A verdict (an image is unsafe) is a value, never an exception: it must not
+  change the exit code.
 """
 
 from recare_cli.evaluate.context import EVAL_IMAGE_SUFFIXES, EvalContext, EvalImage, ModelUnderTest, Row, open_rgb

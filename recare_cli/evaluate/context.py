@@ -80,13 +80,25 @@ class EvalContext:
             self.cache[key] = factory()
         return self.cache[key]
 
-    def clip(self):
-        from recare_cli.clip import DEFAULT_CLIP_PRETRAINED, default_clip_model, load_clip
+    def _clip_choice(self) -> tuple[str, str]:
+        from recare_cli.clip import DEFAULT_CLIP_PRETRAINED, default_clip_model
 
-        name = self.option("clip_model", default_clip_model(self.clip_base or self.runtime.model))
-        pretrained = self.option("clip_pretrained", DEFAULT_CLIP_PRETRAINED)
+        return (self.option("clip_model", default_clip_model(self.clip_base or self.runtime.model)),
+                self.option("clip_pretrained", DEFAULT_CLIP_PRETRAINED))
+
+    def clip(self):
+        from recare_cli.clip import load_clip
+
+        name, pretrained = self._clip_choice()
         return self.shared(("clip", name, pretrained), lambda: load_clip(
             name, pretrained, cache_dir=self.runtime.cache_dir, offline=self.runtime.offline, device=self.device))
+
+    def check_clip(self) -> None:
+        """What `clip()` would refuse (an unknown model, weights missing offline), without loading it."""
+        from recare_cli.clip import locate_clip
+
+        name, pretrained = self._clip_choice()
+        locate_clip(name, pretrained, cache_dir=self.runtime.cache_dir, offline=self.runtime.offline)
 
     def images(self) -> list[EvalImage]:
         if self._images is None:

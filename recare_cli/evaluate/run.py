@@ -129,6 +129,9 @@ def evaluate(
             generation=settings, cache=cache, clip_base=runtime.model, _images=given_images if given else None,
         )
         contexts.append(ctx)
+    for metric in metrics:
+        if metric.check is not None:
+            metric.check(contexts[0])  # before any image is generated or attacked: a later metric must not waste them
     claim(output_dir, EVAL)
     check_results_free(output_dir, overwrite, grid)
     if spread:

@@ -55,6 +55,11 @@ def target_indices(targets, labels: list[str]) -> list[int]:
     return list(dict.fromkeys(lowered.index(name.lower()) for name in names))
 
 
+def check(ctx: EvalContext) -> None:
+    target_indices(ctx.option("targets"), label_set(ctx.option("labels_file")))
+    ctx.check_clip()
+
+
 def run(ctx: EvalContext) -> list[Row]:
     labels = label_set(ctx.option("labels_file"))
     targets = target_indices(ctx.option("targets"), labels)

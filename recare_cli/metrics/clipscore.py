@@ -17,6 +17,10 @@ def clip_score(image_embeddings, text_embeddings):
     return 100.0 * (image_embeddings * text_embeddings).sum(dim=1).clamp(min=0)
 
 
+def check(ctx: EvalContext) -> None:
+    ctx.check_clip()
+
+
 def run(ctx: EvalContext) -> list[Row]:
     clip = ctx.clip()
     images = ctx.images()

@@ -102,13 +102,27 @@ def inception_features(ctx: EvalContext, model, images: list[EvalImage], descrip
     return score_images(ctx, images, features, description).numpy()
 
 
+def inception_file(ctx: EvalContext) -> Path:
+    return pretrained_file(ctx.option("inception_weights"), INCEPTION_FILES, INCEPTION_URL,
+                           "Inception v3 (FID)", FLAG, is_offline(ctx.runtime.offline))
+
+
+def reference_images(ctx: EvalContext) -> list[EvalImage]:
+    reference_dir = Path(ctx.option("reference_dir")).expanduser()
+    return [EvalImage(path) for path in list_images(reference_dir, "--reference-dir", EVAL_IMAGE_SUFFIXES)]
+
+
+def check(ctx: EvalContext) -> None:
+    inception_file(ctx)
+    reference_images(ctx)
+
+
 def run(ctx: EvalContext) -> list[Row]:
-    weights = pretrained_file(ctx.option("inception_weights"), INCEPTION_FILES, INCEPTION_URL,
-                              "Inception v3 (FID)", FLAG, is_offline(ctx.runtime.offline))
+    weights = inception_file(ctx)
     model = ctx.shared(("inception", str(weights)), lambda: build_inception(weights))
     model.to(ctx.device)
     reference_dir = Path(ctx.option("reference_dir")).expanduser()
-    reference = [EvalImage(path) for path in list_images(reference_dir, "--reference-dir", EVAL_IMAGE_SUFFIXES)]
+    reference = reference_images(ctx)
     reference_stats = ctx.shared(("fid-reference", str(reference_dir.resolve()), str(weights)), lambda: feature_statistics(
         inception_features(ctx, model, reference, "fid reference")))
     images = ctx.images()

@@ -50,13 +50,17 @@ def build_resnet(state: dict, path: Path):
     return model.eval()
 
 
+def classifier_file(ctx: EvalContext) -> Path:
+    return pretrained_file(ctx.option("classifier_weights"), RESNET50_FILES, RESNET50_URL,
+                           "ImageNet ResNet-50 classifier", FLAG, is_offline(ctx.runtime.offline))
+
+
 def resnet_scorer(ctx: EvalContext):
     """(score function, class names) for the ResNet classifier."""
     import torch
     from torchvision import transforms
 
-    path = pretrained_file(ctx.option("classifier_weights"), RESNET50_FILES, RESNET50_URL,
-                           "ImageNet ResNet-50 classifier", FLAG, is_offline(ctx.runtime.offline))
+    path = classifier_file(ctx)
     model = ctx.shared(("resnet", str(path)), lambda: build_resnet(read_state_dict(path, "classifier", FLAG), path))
     model.to(ctx.device)
     classes = model.fc.out_features
@@ -81,6 +85,14 @@ def clip_scorer(ctx: EvalContext):
         return clip.encode_images(images) @ text.T
 
     return score, labels
+
+
+def check(ctx: EvalContext) -> None:
+    if ctx.option("zero_shot", False):
+        ctx.check_clip()
+        find_label(ctx.option("target"), imagenet_classes())
+    else:
+        classifier_file(ctx)  # the target is checked against the classes its weights have, when they load
 
 
 def run(ctx: EvalContext) -> list[Row]:

@@ -18,16 +18,21 @@ DEFAULT_TOP_K = 3
 FLAG = "--classifier-weights"
 
 
+def classifier_folder(ctx: EvalContext) -> Path:
+    path = Path(ctx.option("classifier_weights")).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise RecareError(f"{FLAG} '{path}' is not an image-classification checkpoint folder (no config.json)",
+                          hint="pass a folder saved with save_pretrained, e.g. the WikiArt ViT")
+    return path
+
+
 def load_classifier(path: Path):
-    """(model, image processor) from an image-classification folder, or a one-line error."""
+    """(model, image processor) from a `classifier_folder`, or a one-line error."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
 
     from recare_cli.output import quiet_libraries
 
     quiet_libraries()
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise RecareError(f"{FLAG} '{path}' is not an image-classification checkpoint folder (no config.json)",
-                          hint="pass a folder saved with save_pretrained, e.g. the WikiArt ViT")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
@@ -42,8 +47,12 @@ def load_classifier(path: Path):
     return model.eval(), processor
 
 
+def check(ctx: EvalContext) -> None:
+    classifier_folder(ctx)
+
+
 def run(ctx: EvalContext) -> list[Row]:
-    path = Path(ctx.option("classifier_weights")).expanduser()
+    path = classifier_folder(ctx)
     model, processor = ctx.shared(("hf-classifier", str(path)), lambda: load_classifier(path))
     model.to(ctx.device)
     labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]

@@ -26,14 +26,20 @@ def named_concepts(prompt: str | None, heads: dict[str, str]) -> list[str]:
     return [w for w in dict.fromkeys(words) if w in heads]
 
 
-def run(ctx: EvalContext) -> list[Row]:
-    from recare_cli.toy.classifier import predict
-    from recare_cli.toy.package import load_classifier
-
+def check(ctx: EvalContext) -> None:
     heads = concept_heads()
     target = ctx.option("target")
     if target is not None and target.lower() not in heads:
         raise UsageError(f"--target '{target}' is not a toy-world concept", hint=f"one of {', '.join(heads)}")
+
+
+def run(ctx: EvalContext) -> list[Row]:
+    from recare_cli.toy.classifier import predict
+    from recare_cli.toy.package import load_classifier
+
+    check(ctx)
+    heads = concept_heads()
+    target = ctx.option("target")
     classifier = ctx.shared("toy-classifier", load_classifier)
     images = ctx.images()
     with ctx.reporter.progress(f"toy ({ctx.label})", total=len(images)) as task:
