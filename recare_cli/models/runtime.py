@@ -189,6 +189,7 @@ class Runtime:
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 KEPT_FREE_BYTES = 1 << 30
+KEEP_FREED_MEMORY_VARIABLE = "RECARE_KEEP_FREED_MEMORY"
 
 
 def has_glibc_malloc() -> bool:
@@ -205,11 +206,14 @@ def keep_freed_memory() -> bool:
     channels of 512x512 floats is 32 MiB), and the faults were half of a `tiny-random` VAE encode's
     time on a CPU (bench/cpu_memory.py). Without those mmaps, and with up to KEPT_FREE_BYTES of freed
     heap kept, the next activation reuses the last one's pages. The price: a process keeps up to
-    1 GiB it no longer uses until it exits. Returns whether the setting took.
+    1 GiB it no longer uses until it exits, and the allocator setting is the whole process's:
+    RECARE_KEEP_FREED_MEMORY=0 leaves glibc's defaults alone (a program that embeds recare and
+    minds its memory). Returns whether the setting took.
     """
     import ctypes
+    import os
 
-    if not has_glibc_malloc():
+    if os.environ.get(KEEP_FREED_MEMORY_VARIABLE, "1").strip() == "0" or not has_glibc_malloc():
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
