@@ -13,6 +13,7 @@ image reaches). Everything is kept under --runs and reused, so it resumes:
     python bench/toy_defaults_sweep.py --phase measure --until 15:10   # beside it: measures what is trained
     python bench/toy_defaults_sweep.py --phase report           # per setting: every seed, and the goals
     python bench/toy_defaults_sweep.py --phase train --num-images 64,128,32   # and the same for measure/report
+    python bench/toy_defaults_sweep.py --phase measure --num-images 128 --defaults-only --samples 32   # the defaults, closer
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ def train_all(runs: Path, reporter, counts: list[int]) -> None:
                          reporter, snapshot_stage="robust", stage1_from=base_run(variant, seed))
 
 
-def models(runs: Path, counts: list[int]) -> list[dict]:
-    """Every setting's model, in the order they are measured: defaults (300 it., 1e-4) first."""
+def models(runs: Path, counts: list[int], defaults_only: bool = False) -> list[dict]:
+    """Every setting's model, in the order they are measured: defaults (300 it., 1e-4) first.
+
+    `defaults_only`: the base model and today's toy defaults (300 it., 1e-4, the toy's image count).
+    """
+    from recare_cli.presets import MODEL_DEFAULTS
+
     out = [{"name": "base", "run": None}]
     settings = [(v, s, lr, it, BASE_IMAGES) for v in VARIANTS for s in SEEDS for lr in LRS for it in CHECKPOINTS]
     settings += [(v, s, DEFAULT_LR, it, n) for n in counts if n != BASE_IMAGES
@@ -84,18 +90,27 @@ def models(runs: Path, counts: list[int]) -> list[dict]:
         out.append({"name": f"{name}-lr{lr:g}-it{it}", "variant": variant, "seed": seed, "lr": lr, "images": count,
                     "iterations": it, "run": run, "tokens": tokens,
                     "snapshot": None if it == 300 else run / "snapshots" / f"robust-{it}.safetensors"})
+    if defaults_only:
+        toy_images = MODEL_DEFAULTS["toy"]["num_images"]
+        out = [m for m in out if m["run"] is None or (m["lr"] == DEFAULT_LR and m["iterations"] == 300
+                                                      and m["images"] == toy_images)]
     return out
+
+
+def measurements_dir(args) -> Path:
+    """8 images a prompt: the sweep's own folder; other sample sizes keep theirs apart."""
+    return args.runs / ("sweep-measurements" if args.samples == 8 else f"sweep-measurements-n{args.samples}")
 
 
 def measure_all(args, reporter) -> None:
     measuring = Measuring.load()
-    out = args.runs / "sweep-measurements"
+    out = measurements_dir(args)
     out.mkdir(exist_ok=True)
     while True:
         if tf.past(args.until):
             return
         # A snapshot exists mid-run; its tokens and CARE set only once the seed's own run is complete.
-        ready = [m for m in models(args.runs, args.num_images) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
+        ready = [m for m in models(args.runs, args.num_images, args.defaults_only) if tf.available(m) and (m["run"] is None or tf.finished(m["tokens"]))]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
             if not tf.wait_or_stop(args.until):
@@ -124,9 +139,9 @@ def report(args) -> str:
     from recare_cli.presets import MODEL_DEFAULTS
 
     toy_images = MODEL_DEFAULTS["toy"]["num_images"]  # in bold: today's defaults
-    out = args.runs / "sweep-measurements"
+    out = measurements_dir(args)
     entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
-               for m in models(args.runs, args.num_images) if (out / f"{m['name']}.json").is_file()}
+               for m in models(args.runs, args.num_images, args.defaults_only) if (out / f"{m['name']}.json").is_file()}
     base = entries.pop("base")[1]
     rows = {}
     for name, (model, entry) in entries.items():
@@ -176,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", default=str(BASE_IMAGES),
                         help="comma-separated training-image counts (64: the seeds' own runs); others at the default rate")
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="measure/report only the base model and today's toy defaults (e.g. with more --samples)")
     args = parser.parse_args(argv)
     args.num_images = [int(n) for n in args.num_images.split(",")]
     import torch
