@@ -252,6 +252,9 @@ def test_uce_preserve_careset_uses_the_care_sets_words(run_cli, tmp_path, model)
     (("--erase-from", "a painting"), "--erase-from is not an option of --method uce",
      "UCE maps each concept to its guide: pass --guide PROMPT instead"),
     (("--preserve", " "), "--preserve is empty", "name a concept to keep, or 'careset' for the CARE set's words"),
+    (("--preserve", "tree", "--preserve", "Nudity "), "--preserve 'Nudity ' is also a --concept to erase",
+     "UCE cannot keep and erase one concept"),
+    (("--guide", "NUDITY"), "--guide 'NUDITY' is the concept itself: the edit would change nothing", None),
 ])
 def test_uce_bad_settings_fail_with_one_line(run_cli, tmp_path, extra, message, hint):
     result = run_cli(*_uce_args(tmp_path / "run", *extra))

@@ -49,6 +49,14 @@ def check_uce_request(request) -> None:
                          hint="UCE maps each concept to its guide: pass --guide PROMPT instead")
     if any(not word.strip() for word in request.preserve):
         raise UsageError("--preserve is empty", hint="name a concept to keep, or 'careset' for the CARE set's words")
+    erased = {concept.strip().lower() for concept in request.concepts}
+    kept = next((word for word in request.preserve if word.strip().lower() in erased), None)
+    if kept is not None:
+        raise UsageError(f"--preserve '{kept}' is also a --concept to erase",
+                         hint="UCE cannot keep and erase one concept: preserve the concepts next to it")
+    if request.guide is not None and request.guide.strip().lower() in erased:
+        raise UsageError(f"--guide '{request.guide}' is the concept itself: the edit would change nothing",
+                         hint="guide it to what should appear instead, e.g. '' (the default for objects) or 'art'")
 
 
 def default_guide(concept_type: str) -> str:
