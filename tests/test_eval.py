@@ -17,6 +17,7 @@ from recare_cli.generate import GenerateSettings, PromptRow
 from recare_cli.models import Runtime
 from recare_cli.plugins import Metric, registry
 from noise_images import noise_images
+from test_bad_inputs import one_error_line
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
 FAST = ["--steps", "2", "--height", "64", "--width", "64"]
@@ -213,7 +214,7 @@ def test_every_metric_is_checked_before_any_image_is_made(tmp_path, run_cli, mon
     result = run_cli("eval", *TINY, "--offline", "-m", "nudity", *second, "-p", "a cat",
                      "--output-dir", tmp_path / "out")
     assert result.exit_code == code, result.stderr
-    assert message in one_line(result.stderr)
+    assert message in one_error_line(result.stderr)
     assert not (tmp_path / "out").exists()
 
 
@@ -229,12 +230,6 @@ def test_a_plugin_metrics_check_runs_before_any_image(tmp_path, extra_metrics):
         evaluate.evaluate(["nudity", "picky"], Runtime("tiny-random", device="cpu"), tmp_path / "out",
                           prompts=[PromptRow("a cat")])
     assert checked == ["model"] and not (tmp_path / "out").exists()
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("metric, needed", [
