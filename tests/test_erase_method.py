@@ -422,7 +422,9 @@ def test_stage2_regresses_on_the_compositional_target_and_the_frozen_retain(tiny
                 + sum((-scale - 1) * (eps[e] - eps[""]) for e in erase) / len(erase))
     assert drawn in erase and torch.allclose(erase_target, expected, atol=1e-5)
     assert torch.allclose(eps_theta_r, eps[retain], atol=1e-5) and torch.allclose(retain_target, eps[retain], atol=1e-5)
-    assert loop.losses[0]["erase_loss"] == pytest.approx(float(((eps_theta_e - expected) ** 2).mean()), rel=1e-4)
+    # Against the target the stage used (checked against `expected` above): the loss is ~1e-7 here,
+    # so the 1e-6 rounding between batch sizes would move it by more than the tolerance.
+    assert loop.losses[0]["erase_loss"] == pytest.approx(float(((eps_theta_e - erase_target) ** 2).mean()), rel=1e-4)
     step = loop.losses[1]  # the weights have moved: the retain loss is no longer 0
     assert step["retain_loss"] > 0 and step["loss"] == pytest.approx(step["erase_loss"] + step["retain_loss"], rel=1e-6)
     # AdamW (the reference's optimizer for both stages) at the stage's own rate, not torch's default 1e-3

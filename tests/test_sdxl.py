@@ -94,13 +94,14 @@ def test_conditioning_is_what_the_sdxl_pipeline_builds(xl_models, tiny_xl_pipe):
     assert torch.equal(added["time_ids"], expected_ids.expand(2, -1))
 
 
-def test_every_unet_call_of_both_stages_gets_pooled_embeds_and_time_ids(xl_models, tmp_path):
+def test_every_unet_call_of_both_stages_gets_pooled_embeds_and_time_ids(xl_models, tmp_path, monkeypatch):
     from recare_cli.erase.loop import StageLoop
     from recare_cli.erase.params import select_trainable
     from recare_cli.erase.stage1 import EraseSettings, erase_stage
     from recare_cli.erase.stage2 import robust_erase_stage
 
     calls = []
+    monkeypatch.setattr(xl_models, "traces", None)  # a traced call would run no hook
     xl_models.unet.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((args[0].shape[0], kwargs.get("added_cond_kwargs"))), with_kwargs=True)
     trainable = select_trainable(xl_models.unet, "xattn")

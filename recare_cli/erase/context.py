@@ -20,20 +20,37 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from recare_cli.erase.denoise import DDIMTimes
+from recare_cli.erase.traced import UNetTraces
 
 AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 class ForwardCounter:
-    """Counts UNet forward passes in images (a batch of 4 counts 4), for the benchmark."""
+    """Counts UNet forward passes in images (a batch of 4 counts 4), for the benchmark.
+
+    The module's calls count themselves (a hook); a trace's calls bypass the module, so `eps`
+    counts them (`add`), and the module's one run while a trace is taken does not count (`paused`).
+    """
 
     def __init__(self, unet):
         self.images = 0
+        self._paused = False
         unet.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def _count(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+    def add(self, sample: torch.Tensor) -> None:
         self.images += int(sample.shape[0])
+
+    def _count(self, module, args, kwargs):
+        if not self._paused:
+            self.add(args[0] if args else kwargs["sample"])
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
 
 @dataclass
@@ -50,6 +67,7 @@ class EraseModels:
     pipe: object = None  # the pipeline the models came from, to render training images with
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP-bigG) encoder; None for SD 1.x/2.x
     tokenizer_2: object = None
+    traces: UNetTraces | None = None  # fp32 calls on a CPU, traced (Python hooks on the UNet skip them)
     _embeds: dict = field(default_factory=dict)
 
     @classmethod
@@ -62,9 +80,10 @@ class EraseModels:
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
+        counter = ForwardCounter(pipe.unet)
+        traces = UNetTraces(pipe.unet, counter.paused) if UNetTraces.wanted(device) else None
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, DDIMTimes(scheduler),
-                   device, autocast_dtype, ForwardCounter(pipe.unet), pipe,
-                   text_encoder_2, getattr(pipe, "tokenizer_2", None))
+                   device, autocast_dtype, counter, pipe, text_encoder_2, getattr(pipe, "tokenizer_2", None), traces)
 
     @property
     def text_encoders(self) -> list:
@@ -165,6 +184,12 @@ class EraseModels:
         timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=self.device)
         prompt_embeds, added_cond_kwargs = self.condition(latents, embeds)
         conditioning = {"encoder_hidden_states": prompt_embeds, "added_cond_kwargs": added_cond_kwargs}
+        if self.traces is not None and self.autocast_dtype is None:
+            out = self.traces(latents, timestep, prompt_embeds, added_cond_kwargs, weights)
+            if out is not None:
+                if self.counter is not None:
+                    self.counter.add(latents)
+                return out.float()
         with self.autocast():
             if weights is None:
                 out = self.unet(latents, timestep, **conditioning).sample
