@@ -37,7 +37,9 @@ preset() {
         erase-wiring)  # what reaches each stage, reuse and outputs; the models' calls and the inversion's pieces
             mutate=(recare_cli/erase/run.py recare_cli/erase/context.py recare_cli/erase/inversion.py)
             tests=(tests/test_erase_wiring.py tests/test_erase_context_inversion.py tests/test_erase_method.py) ;;
-        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-loop, erase-wiring)" >&2
+        erase-traced)  # the UNet's traced calls: equal to the module's, per signature, counted
+            mutate=(recare_cli/erase/traced.py); tests=(tests/test_erase_traced.py) ;;
+        *) echo "unknown preset '$1' (fsutil, export-check, guidance, erase-pure, erase-request, erase-baselines, erase-stages, erase-loop, erase-wiring, erase-traced)" >&2
            exit 2 ;;
     esac
 }

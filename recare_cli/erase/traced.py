@@ -2,10 +2,10 @@
 
 Why: on a CPU a small UNet's forward spends a fifth of its time in diffusers' Python (module calls,
 attention-processor dispatch, shape checks), not in its kernels. A trace replays the same aten ops
-from C++: on `tiny-random` a batch-2 forward is ~17% faster and an inversion step (forward and
-backward to the text) ~15% (docs/benchmarks.md), and its outputs and gradients are bit-identical
-to the module's (tests/test_erase_traced.py). torch.compile would remove more, but compiles for
-about a minute on the build machines' 2 cores, longer than it saves in a bench-sized run.
+from C++: on `tiny-random` a batch-2 forward takes 16% less time and an inversion step (forward
+and backward to the text) 13-15% less (bench/unet_trace.py), and its outputs and gradients are
+bit-identical to the module's (tests/test_erase_traced.py). torch.compile's forward was no faster
+than a trace's and took a minute to compile on the build machines' 2 cores.
 
 What is traced is a function of the UNet's parameters and its inputs, so one trace serves the
 current weights and a stage's frozen snapshot alike, and gradients reach whichever tensors are
