@@ -27,6 +27,11 @@ def trace_at_once(monkeypatch):
     monkeypatch.setattr(traced, "TRACE_AFTER", 1)
 
 
+def taken(models) -> int:
+    """How many traces were taken (a failed one is kept as None, and its calls run the module)."""
+    return sum(trace is not None for trace in models.traces._traces.values())
+
+
 @pytest.fixture
 def models(tiny_pipe):
     from recare_cli.erase.context import EraseModels
@@ -67,6 +72,7 @@ def test_traced_predictions_and_gradients_are_the_modules_bit_for_bit(models):
             predict(latents, timesteps, text).square().mean().backward()
             grads.append([text.grad, *(p.grad for p in trainable.values())])
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert taken(models) == len(models.traces._traces) == 3  # batch 2 and 1 in eval mode, batch 1 in train mode
 
 
 def test_train_mode_gets_its_own_trace(models):
@@ -82,7 +88,7 @@ def test_train_mode_gets_its_own_trace(models):
         for predict in (models.eps, lambda *a: module_eps(models, *a)):
             torch.manual_seed(0)
             outputs.append(predict(latents, 500, embeds))
-    assert torch.equal(*outputs)
+    assert torch.equal(*outputs) and taken(models) == 2
 
 
 def test_a_trace_follows_in_place_weight_updates(models):
@@ -92,7 +98,7 @@ def test_a_trace_follows_in_place_weight_updates(models):
         for p in models.unet.parameters():
             p.mul_(1.01)  # as an optimizer step or load_into changes them: in place
         after = models.eps(latents, 500, embeds)
-    assert not torch.equal(before, after) and torch.equal(after, module_eps(models, latents, 500, embeds))
+    assert taken(models) == 1 and not torch.equal(before, after) and torch.equal(after, module_eps(models, latents, 500, embeds))
 
 
 def test_a_frozen_snapshot_runs_through_the_same_trace_as_the_current_weights(models):
@@ -107,7 +113,7 @@ def test_a_frozen_snapshot_runs_through_the_same_trace_as_the_current_weights(mo
     latents, embeds = torch.randn(2, 4, 8, 8), models.embed(["a cat", "a dog"])
     with torch.no_grad():
         current, before = models.eps(latents, 500, embeds), models.eps(latents, 500, embeds, weights=frozen)
-        assert not torch.equal(current, before) and len(models.traces._traces) == 1
+        assert not torch.equal(current, before) and taken(models) == 1
         assert torch.equal(before, module_eps(models, latents, 500, embeds, frozen))
         assert torch.equal(current, module_eps(models, latents, 500, embeds))
 
@@ -133,6 +139,7 @@ def test_a_latent_size_the_upsamplers_cannot_double_gets_its_own_trace(models):
         for side in (8, 9):
             latents = torch.randn(1, 4, side, side)
             assert torch.equal(models.eps(latents, 500, embeds), module_eps(models, latents, 500, embeds))
+    assert taken(models) == 2
 
 
 def test_a_signature_runs_as_a_module_until_it_has_run_trace_after_times(models, monkeypatch):
@@ -144,7 +151,7 @@ def test_a_signature_runs_as_a_module_until_it_has_run_trace_after_times(models,
     with torch.no_grad():
         for _ in range(4):
             models.eps(latents, 500, embeds)
-            traced_after.append(len(models.traces._traces))
+            traced_after.append(taken(models))
         models.eps(latents.expand(2, -1, -1, -1), 500, embeds.expand(2, -1, -1))  # another signature starts at one
     assert traced_after == [0, 0, 1, 1] and len(models.traces._traces) == 1 and models.counter.images == 6
 
@@ -153,7 +160,7 @@ def test_traced_calls_count_once_each_and_taking_a_trace_counts_nothing(models):
     with torch.no_grad():
         models.eps(torch.randn(2, 4, 8, 8), 500, models.embed(["a", "b"]))
         models.eps(torch.randn(2, 4, 8, 8), 400, models.embed(["a", "b"]))
-    assert models.counter.images == 4 and len(models.traces._traces) == 1
+    assert models.counter.images == 4 and taken(models) == 1
 
 
 def test_gradient_checkpointing_and_autocast_leave_the_call_to_the_module(models):
@@ -188,13 +195,19 @@ def test_sdxl_traced_predictions_carry_the_pooled_embedding_and_time_ids(tiny_xl
         assert torch.equal(models.eps(latents, 500, embeds), module_eps(models, latents, 500, embeds))
         assert torch.equal(models.eps(latents, 500, other), module_eps(models, latents, 500, other))
         assert not torch.equal(models.eps(latents, 500, other), models.eps(latents, 500, embeds))
+    assert taken(models) == 1
 
 
 def test_an_erase_run_trains_the_same_weights_and_tokens_traced_or_not(run_cli, inputs, tmp_path, monkeypatch):  # noqa: F811
+    from recare_cli.erase.traced import UNetTraces
+
+    take, taken_in_run = UNetTraces._trace, []
+    monkeypatch.setattr(UNetTraces, "_trace", lambda self, *a, **k: taken_in_run.append(take(self, *a, **k)) or taken_in_run[-1])
     outs = {"0": tmp_path / "module", "1": tmp_path / "traced"}
     for setting, out in outs.items():
         monkeypatch.setenv("RECARE_TRACE_UNET", setting)
         result = run_cli(*tiny_args(inputs, out, "--quiet"))
         assert result.exit_code == 0, result.stderr
+    assert len(taken_in_run) >= 4 and None not in taken_in_run  # prefix, trained, frozen and inversion calls
     for name in ("unet.safetensors", "tokens.safetensors"):
         assert same_tensors(load(outs["0"] / name), load(outs["1"] / name))
