@@ -156,10 +156,13 @@ def test_a_signature_runs_as_a_module_until_it_has_run_trace_after_times(models,
     assert traced_after == [0, 0, 1, 1] and len(models.traces._traces) == 1 and models.counter.images == 6
 
 
-def test_traced_calls_count_once_each_and_taking_a_trace_counts_nothing(models):
+def test_traced_calls_bypass_the_module_count_once_each_and_taking_a_trace_counts_nothing(models):
+    module_calls = []
+    models.unet.register_forward_pre_hook(lambda module, args: module_calls.append(len(args[0])))
     with torch.no_grad():
         models.eps(torch.randn(2, 4, 8, 8), 500, models.embed(["a", "b"]))
         models.eps(torch.randn(2, 4, 8, 8), 400, models.embed(["a", "b"]))
+    assert module_calls == [2]  # the one run that took the trace; both calls then ran the trace
     assert models.counter.images == 4 and taken(models) == 1
 
 

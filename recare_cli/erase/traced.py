@@ -39,9 +39,9 @@ TRACE_AFTER = 32
 class UNetTraces:
     """Call the UNet through a trace per input signature, taken on first use."""
 
-    def __init__(self, unet, on_trace=None):
+    def __init__(self, unet, on_trace):
         self.unet = unet
-        self.on_trace = on_trace  # entered around each trace (it runs the module's forward once)
+        self.on_trace = on_trace  # a context entered around each trace (it runs the module's forward once)
         self.names = [name for name, _ in unet.named_parameters()]
         # A parameter two modules share would stay a constant in one of them: such a UNet is not traced.
         self.traceable = len(self.names) == len(list(unet.named_parameters(remove_duplicate=False)))
@@ -92,8 +92,7 @@ class UNetTraces:
             warnings.simplefilter("ignore")
             try:
                 # Taking a trace runs the forward once: its dropout (if any) must not draw from the run's RNG.
-                with (torch.no_grad(), torch.random.fork_rng(devices=[]),
-                      self.on_trace() if self.on_trace else contextlib.nullcontext()):
+                with torch.no_grad(), torch.random.fork_rng(devices=[]), self.on_trace():
                     return torch.jit.trace(forward, example, check_trace=False)
             except Exception:  # noqa: BLE001 -- any failure to trace leaves the module's own forward, which is always right
                 return None
