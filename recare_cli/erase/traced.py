@@ -37,7 +37,7 @@ TRACE_AFTER = 32
 
 
 class UNetTraces:
-    """Call the UNet through a trace per input signature, taken on first use."""
+    """Call the UNet through a trace per input signature, taken once that signature has run TRACE_AFTER times."""
 
     def __init__(self, unet, on_trace):
         self.unet = unet
