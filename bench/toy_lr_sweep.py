@@ -40,8 +40,9 @@ def seed_run_dir(request, reference: Path, runtime, stages: list[str]) -> None:
                                             "stages": {stage: records[stage] for stage in stages}}))
 
 
-def robust_only_request(reference, lr: float, runs: Path):
-    """The reference run's request with another stage-2 rate, in a run directory seeded with its stage 1."""
+def robust_only_request(reference, lr: float, runs: Path, **changes):
+    """The reference run's request with another stage-2 rate (and any other `changes` only the
+    robust stage reads), in a run directory seeded with its stage 1."""
     from dataclasses import replace
 
     from recare_cli.erase.inputs import CARESET_FILE, IMAGES_DIR
@@ -50,7 +51,8 @@ def robust_only_request(reference, lr: float, runs: Path):
 
     params = json.loads((reference.run_dir / MANIFEST).read_text())["parameters"]
     request = EraseRequest(**{k: v for k, v in params.items() if k not in ("output_dir",)})
-    request = replace(request, stage2_lr=lr, output_dir=runs / f"{'-'.join(request.concepts)}-stage2-lr{lr:g}",
+    suffix = "".join(f"-{k}" for k in changes)
+    request = replace(request, stage2_lr=lr, **changes, output_dir=runs / f"{'-'.join(request.concepts)}-stage2-lr{lr:g}{suffix}",
                       images=reference.run_dir / IMAGES_DIR / request.concepts[0],
                       careset=reference.run_dir / CARESET_FILE)
     if not request.output_dir.exists():

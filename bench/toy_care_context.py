@@ -1,0 +1,166 @@
+"""`--care-context` against the faithful robust stage on the toy defaults (a benchmark, not a test).
+
+For both ReCARE variants (exact, `--prefix-steps 10`) and three training seeds: the toy default run
+(`recare erase --model toy --concept star [--prefix-steps 10] --seed S`), and the same run with
+`--care-context`, which starts from the default run's stage 1, images and CARE set (they do not
+read the flag) and trains only the robust stage. Both are measured as bench/toy_frontier.py
+measures (its prompts, its summary, issue 19's goals), with --samples images a prompt. None of the
+measured prompts is a training prompt: `--care-context` trains "star, red", the measurement asks
+"a red star". Everything is kept under --runs and reused, so it resumes:
+
+    python bench/toy_care_context.py --phase train --variant p10 &     # one process per variant
+    python bench/toy_care_context.py --phase train --variant exact &
+    python bench/toy_care_context.py --phase measure --until 13:30      # beside them, one or two
+    python bench/toy_care_context.py --phase report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import frontier_summary  # bench/, the script's own folder
+import toy_frontier as tf
+from toy_defaults_sweep import goals
+
+VARIANTS = ("p10", "exact")
+SEEDS = (42, 43, 44)
+KINDS = ("faithful", "care-context")
+
+
+def run_name(kind: str, variant: str, seed: int) -> str:
+    return f"{'default' if kind == 'faithful' else 'ctx'}-{variant}-s{seed}"
+
+
+def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...]) -> None:
+    from recare_cli.presets import MODEL_DEFAULTS
+
+    images = MODEL_DEFAULTS["toy"]["num_images"]
+    for seed in SEEDS:
+        default = run_name("faithful", variant, seed)
+        tf.train(default, tf.recare_settings(variant, images) | {"seed": seed}, runs, reporter)
+        if "care-context" in kinds:
+            tf.train(run_name("care-context", variant, seed), {}, runs, reporter, robust_from=default,
+                     robust_lr=MODEL_DEFAULTS["toy"]["stage2_lr"], robust_options={"care_context": True})
+
+
+def models(runs: Path) -> list[dict]:
+    out = [{"name": "base", "run": None}]
+    for seed in SEEDS:
+        for variant in VARIANTS:
+            for kind in KINDS:
+                run = runs / run_name(kind, variant, seed)
+                out.append({"name": run.name, "kind": kind, "variant": variant, "seed": seed, "run": run, "tokens": run})
+    return out
+
+
+def measurements_dir(args) -> Path:
+    return args.runs / f"measurements-n{args.samples}"
+
+
+def measure_all(args, reporter) -> None:
+    from frontier_measure import Measuring
+
+    measuring = Measuring.load()
+    out = measurements_dir(args)
+    out.mkdir(exist_ok=True)
+    while not tf.past(args.until):
+        ready = [m for m in models(args.runs) if m["run"] is None or tf.finished(m["run"])]
+        model = next((m for m in ready if tf.claim(out, m["name"])), None)
+        if model is None:
+            if not tf.wait_or_stop(args.until):
+                return
+            continue
+        reporter.info(f"measure {model['name']}")
+        # Each run's own CARE set decides which words count as CARE concepts; the base model is
+        # measured with the first default run's (summarise regroups by each run's own set).
+        care = tf.care_words_of(model["run"] or args.runs / run_name("faithful", "p10", 42))
+        if care is None:
+            if not tf.wait_or_stop(args.until):
+                return
+            continue
+        tokens = (model["tokens"] or args.runs / run_name("faithful", "p10", 42)) / "tokens.safetensors"
+        measuring.measure(model, care, tokens if tokens.is_file() else None, args, out, care=care,
+                          train_seconds=tf.seconds(model) if model["run"] else None)
+
+
+def report(args) -> str:
+    out = measurements_dir(args)
+    entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
+               for m in models(args.runs) if (out / f"{m['name']}.json").is_file()}
+    base = entries.pop("base")[1]
+
+    def pair(v):
+        return "–" if v is None else f"{v[0]:.0f}% ({v[1]:.0f}%)"
+
+    lines = [f"{args.samples} images per prompt, {args.steps} DDIM steps, guidance {args.guidance}. Kept: sum of "
+             "rates over the base's (lowest single prompt); CARE with star: the CARE concepts on the prompts that "
+             "name the star. Goals met: of issue 19's four goals (docs/frontier.md).", "",
+             "| variant | robust stage | seed | target common | target rare | CARE kept | CARE with star | unrelated kept | "
+             "night (own) | night (with star) | adversarial | training | goals met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    means: dict = {}
+    for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["kind"], e[0]["seed"])):
+        p = frontier_summary.summarise(entry, base, entry["care"])
+        met = goals(p)
+        seconds = entry.get("train_seconds")
+        lines.append(f"| {model['variant']} | {model['kind']} | {model['seed']} | {p['target_common']:.0f}% | "
+                     f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['care_kept_with_target'])} | "
+                     f"{pair(p['unrelated_kept'])} | {pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
+                     f"{p['adversarial']:.0f}% | {'–' if seconds is None else f'{seconds:.0f} s'} | {sum(met.values())}/4 |")
+        m = means.setdefault((model["variant"], model["kind"]), {"n": 0, "all": 0, "tc": 0.0, "tr": 0.0, "care": 0.0,
+                                                                   "carew": 0.0, "unrel": 0.0, "goals": 0})
+        m["n"] += 1
+        m["all"] += all(met.values())
+        m["goals"] += sum(met.values())
+        for key, value in (("tc", p["target_common"]), ("tr", p["target_rare"]), ("care", p["care_kept"][0]),
+                           ("carew", p["care_kept_with_target"][0]), ("unrel", p["unrelated_kept"][0])):
+            m[key] += value
+    lines += ["", "Means over the seeds measured:", "",
+              "| variant | robust stage | seeds | target common | target rare | CARE kept | CARE with star | "
+              "unrelated kept | goals met (of 4 a seed) | seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, kind), m in sorted(means.items()):
+        n = m["n"]
+        lines.append(f"| {variant} | {kind} | {n} | {m['tc'] / n:.0f}% | {m['tr'] / n:.0f}% | {m['care'] / n:.0f}% | "
+                     f"{m['carew'] / n:.0f}% | {m['unrel'] / n:.0f}% | {m['goals']} of {4 * n} | {m['all']} of {n} |")
+    care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values() if m["kind"] == "faithful"}
+    lines += ["", "CARE sets (both robust stages of a seed share it):", "", "| variant | seed | CARE set |", "|---|---|---|"]
+    lines += [f"| {v} | {seed} | {words} |" for (v, seed), words in sorted(care_sets.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=Path("bench-runs/care-context"), help="erase runs and measurements")
+    parser.add_argument("--phase", choices=("train", "measure", "report"), required=True)
+    parser.add_argument("--variant", choices=VARIANTS, help="train: this variant only (default: both, in turn)")
+    parser.add_argument("--faithful-only", action="store_true", help="train: only the default runs")
+    parser.add_argument("--samples", type=int, default=16, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from recare_cli.output import HUMAN, Reporter
+
+    torch.set_num_threads(1)
+    reporter = Reporter(HUMAN)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if args.phase == "train":
+        kinds = ("faithful",) if args.faithful_only else KINDS
+        for variant in [args.variant] if args.variant else VARIANTS:
+            train_variant(args.runs, variant, reporter, kinds)
+    if args.phase == "measure":
+        measure_all(args, reporter)
+    if args.phase == "report":
+        print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
