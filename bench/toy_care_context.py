@@ -36,11 +36,11 @@ def run_name(kind: str, variant: str, seed: int) -> str:
     return f"{'default' if kind == 'faithful' else 'ctx'}-{variant}-s{seed}"
 
 
-def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...]) -> None:
+def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...], seeds: tuple[int, ...] = SEEDS) -> None:
     from recare_cli.presets import MODEL_DEFAULTS
 
     images = MODEL_DEFAULTS["toy"]["num_images"]
-    for seed in SEEDS:
+    for seed in seeds:
         default = run_name("faithful", variant, seed)
         tf.train(default, tf.recare_settings(variant, images) | {"seed": seed}, runs, reporter)
         if "care-context" in kinds:
@@ -83,7 +83,7 @@ def measure_all(args, reporter) -> None:
             if not tf.wait_or_stop(args.until):
                 return
             continue
-        tokens = (model["tokens"] or args.runs / run_name("faithful", "p10", 42)) / "tokens.safetensors"
+        tokens = (model.get("tokens") or args.runs / run_name("faithful", "p10", 42)) / "tokens.safetensors"
         measuring.measure(model, care, tokens if tokens.is_file() else None, args, out, care=care,
                           train_seconds=tf.seconds(model) if model["run"] else None)
 
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", choices=("train", "measure", "report"), required=True)
     parser.add_argument("--variant", choices=VARIANTS, help="train: this variant only (default: both, in turn)")
     parser.add_argument("--faithful-only", action="store_true", help="train: only the default runs")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="train: these seeds only (comma-separated)")
     parser.add_argument("--samples", type=int, default=16, help="images per prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     if args.phase == "train":
         kinds = ("faithful",) if args.faithful_only else KINDS
         for variant in [args.variant] if args.variant else VARIANTS:
-            train_variant(args.runs, variant, reporter, kinds)
+            train_variant(args.runs, variant, reporter, kinds, tuple(int(x) for x in args.seeds.split(",")))
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":
