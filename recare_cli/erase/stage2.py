@@ -6,10 +6,13 @@ e_i towards the compositional target over every erase concept (scale -S) and the
 shares one latent and one timestep, so they run as one batched forward; both trained ones too.
 
 `--care-context` (beyond the paper; docs/fidelity.md) adds a third trained prompt that names e_i
-and a_i's CARE word together, regressed on the same target: the method alone never trains a
-prompt that names both, and on the toy the erased model then loses the CARE word with the concept
-("a red star" stops being red). The prompt is a comma list, not a sentence, so that no phrasing of
-a caption or an evaluation prompt is trained on.
+and a_i's CARE word together, regressed on the anchor's frozen prediction: the method alone never
+trains a prompt that names both, and on the toy the erased model then loses the CARE word with the
+concept ("a red star" stops being red). Not on the erase target: its -(S+1) share of the erase
+concepts outweighs the anchor's +(S-1), and where the word co-occurs with the concept (night with
+star) that taught every prompt naming the word to draw its opposite (measured: docs/frontier.md).
+The prompt is a comma list, not a sentence, so that no phrasing of a caption or an evaluation
+prompt is trained on.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def robust_erase_stage(models: EraseModels, trainable: dict, erase: list[str], a
         loss = erase_loss + RETAIN_WEIGHT * retain_loss
         losses = {"erase_loss": erase_loss, "retain_loss": retain_loss}
         if care_context:
-            losses["context_loss"] = F.mse_loss(eps_theta[2:], eps_target)
+            losses["context_loss"] = F.mse_loss(eps_theta[2:], eps_anchor)
             loss = loss + losses["context_loss"]
         loss.backward()
         optimizer.step()
