@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -119,12 +118,8 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
         ref_dir = runs / robust_from
         ref = Ref(ref_dir, json.loads((ref_dir / "recare-run.json").read_text())["stages"])
         from dataclasses import replace
-        request = toy_lr_sweep.robust_only_request(ref, robust_lr, runs, **(robust_options or {}))
-        if request.output_dir != run_dir:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            request.output_dir.rename(run_dir)
-            request = replace(request, output_dir=run_dir)
+        # Straight into its own directory: two processes may seed robust-only runs at once.
+        request = toy_lr_sweep.robust_only_request(ref, robust_lr, runs, output_dir=run_dir, **(robust_options or {}))
         request = replace(request, checkpoint_every=checkpoint_every)
     else:
         request = with_model_defaults(EraseRequest(concepts=[CONCEPT], output_dir=run_dir, checkpoint_every=checkpoint_every,
