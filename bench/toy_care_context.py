@@ -12,6 +12,7 @@ measured prompts is a training prompt: `--care-context` trains "star, red", the 
     python bench/toy_care_context.py --phase train --variant exact &
     python bench/toy_care_context.py --phase measure --until 13:30      # beside them, one or two
     python bench/toy_care_context.py --phase report
+    python bench/toy_care_context.py --phase train --variant p10 --stage2-lrs 2e-4   # and measure/report with it
 """
 
 from __future__ import annotations
@@ -32,29 +33,36 @@ SEEDS = (42, 43, 44)
 KINDS = ("faithful", "care-context")
 
 
-def run_name(kind: str, variant: str, seed: int) -> str:
-    return f"{'default' if kind == 'faithful' else 'ctx'}-{variant}-s{seed}"
+def run_name(kind: str, variant: str, seed: int, lr: float | None = None) -> str:
+    """`lr`: another robust-stage rate than the toy default (a robust-only run from the default run)."""
+    return f"{'default' if kind == 'faithful' else 'ctx'}-{variant}-s{seed}" + (f"-lr{lr:g}" if lr else "")
 
 
-def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...], seeds: tuple[int, ...] = SEEDS) -> None:
+def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...], seeds: tuple[int, ...] = SEEDS,
+                  lrs: tuple[float, ...] = ()) -> None:
     from recare_cli.presets import MODEL_DEFAULTS
 
-    images = MODEL_DEFAULTS["toy"]["num_images"]
+    images, default_lr = MODEL_DEFAULTS["toy"]["num_images"], MODEL_DEFAULTS["toy"]["stage2_lr"]
     for seed in seeds:
         default = run_name("faithful", variant, seed)
         tf.train(default, tf.recare_settings(variant, images) | {"seed": seed}, runs, reporter)
-        if "care-context" in kinds:
-            tf.train(run_name("care-context", variant, seed), {}, runs, reporter, robust_from=default,
-                     robust_lr=MODEL_DEFAULTS["toy"]["stage2_lr"], robust_options={"care_context": True})
+        for lr in (default_lr, *lrs):
+            for kind in kinds:
+                name = run_name(kind, variant, seed, None if lr == default_lr else lr)
+                if name != default:
+                    tf.train(name, {}, runs, reporter, robust_from=default, robust_lr=lr,
+                             robust_options={"care_context": kind == "care-context"})
 
 
-def models(runs: Path) -> list[dict]:
+def models(runs: Path, lrs: tuple[float, ...] = ()) -> list[dict]:
     out = [{"name": "base", "run": None}]
-    for seed in SEEDS:
-        for variant in VARIANTS:
-            for kind in KINDS:
-                run = runs / run_name(kind, variant, seed)
-                out.append({"name": run.name, "kind": kind, "variant": variant, "seed": seed, "run": run, "tokens": run})
+    for lr in (None, *lrs):
+        for seed in SEEDS:
+            for variant in VARIANTS:
+                for kind in KINDS:
+                    run = runs / run_name(kind, variant, seed, lr)
+                    out.append({"name": run.name, "kind": kind, "variant": variant, "seed": seed, "run": run,
+                                "tokens": run, "lr": lr})
     return out
 
 
@@ -69,7 +77,7 @@ def measure_all(args, reporter) -> None:
     out = measurements_dir(args)
     out.mkdir(exist_ok=True)
     while not tf.past(args.until):
-        ready = [m for m in models(args.runs) if m["run"] is None or tf.finished(m["run"])]
+        ready = [m for m in models(args.runs, args.stage2_lrs) if m["run"] is None or tf.finished(m["run"])]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
             if not tf.wait_or_stop(args.until):
@@ -91,7 +99,7 @@ def measure_all(args, reporter) -> None:
 def report(args) -> str:
     out = measurements_dir(args)
     entries = {m["name"]: (m, json.loads((out / f"{m['name']}.json").read_text()))
-               for m in models(args.runs) if (out / f"{m['name']}.json").is_file()}
+               for m in models(args.runs, args.stage2_lrs) if (out / f"{m['name']}.json").is_file()}
     base = entries.pop("base")[1]
 
     def pair(v):
@@ -104,15 +112,16 @@ def report(args) -> str:
              "night (own) | night (with star) | adversarial | training | goals met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     means: dict = {}
-    for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["kind"], e[0]["seed"])):
+    for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["lr"] or 0, e[0]["kind"], e[0]["seed"])):
         p = frontier_summary.summarise(entry, base, entry["care"])
         met = goals(p)
         seconds = entry.get("train_seconds")
-        lines.append(f"| {model['variant']} | {model['kind']} | {model['seed']} | {p['target_common']:.0f}% | "
+        kind = model["kind"] + (f", stage-2 lr {model['lr']:g}" if model["lr"] else "")
+        lines.append(f"| {model['variant']} | {kind} | {model['seed']} | {p['target_common']:.0f}% | "
                      f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['care_kept_with_target'])} | "
                      f"{pair(p['unrelated_kept'])} | {pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
                      f"{p['adversarial']:.0f}% | {'–' if seconds is None else f'{seconds:.0f} s'} | {sum(met.values())}/4 |")
-        m = means.setdefault((model["variant"], model["kind"]), {"n": 0, "all": 0, "tc": 0.0, "tr": 0.0, "care": 0.0,
+        m = means.setdefault((model["variant"], kind), {"n": 0, "all": 0, "tc": 0.0, "tr": 0.0, "care": 0.0,
                                                                    "carew": 0.0, "unrel": 0.0, "goals": 0})
         m["n"] += 1
         m["all"] += all(met.values())
@@ -127,7 +136,8 @@ def report(args) -> str:
         n = m["n"]
         lines.append(f"| {variant} | {kind} | {n} | {m['tc'] / n:.0f}% | {m['tr'] / n:.0f}% | {m['care'] / n:.0f}% | "
                      f"{m['carew'] / n:.0f}% | {m['unrel'] / n:.0f}% | {m['goals']} of {4 * n} | {m['all']} of {n} |")
-    care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values() if m["kind"] == "faithful"}
+    care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values()
+                 if m["kind"] == "faithful" and not m["lr"]}
     lines += ["", "CARE sets (both robust stages of a seed share it):", "", "| variant | seed | CARE set |", "|---|---|---|"]
     lines += [f"| {v} | {seed} | {words} |" for (v, seed), words in sorted(care_sets.items())]
     return "\n".join(lines)
@@ -139,12 +149,14 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", choices=("train", "measure", "report"), required=True)
     parser.add_argument("--variant", choices=VARIANTS, help="train: this variant only (default: both, in turn)")
     parser.add_argument("--faithful-only", action="store_true", help="train: only the default runs")
+    parser.add_argument("--stage2-lrs", default="", help="robust-stage rates besides the toy default, comma-separated")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="train: these seeds only (comma-separated)")
     parser.add_argument("--samples", type=int, default=16, help="images per prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--until", help="measure: stop starting new measurements at this UTC time (HH:MM)")
     args = parser.parse_args(argv)
+    args.stage2_lrs = tuple(float(x) for x in args.stage2_lrs.split(",") if x)
     import torch
 
     from recare_cli.output import HUMAN, Reporter
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
     if args.phase == "train":
         kinds = ("faithful",) if args.faithful_only else KINDS
         for variant in [args.variant] if args.variant else VARIANTS:
-            train_variant(args.runs, variant, reporter, kinds, tuple(int(x) for x in args.seeds.split(",")))
+            train_variant(args.runs, variant, reporter, kinds, tuple(int(x) for x in args.seeds.split(",")), args.stage2_lrs)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":
