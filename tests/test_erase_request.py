@@ -32,7 +32,7 @@ OTHER = {
     "concepts": ["Van Gogh"], "erase_from": ["painting"], "method": None, "concept_type": "style",
     "train_method": "xattn", "iterations": 7, "negative_guidance": 3.0, "stage1_lr": 1e-3, "stage2_lr": 1e-3,
     "ti_lr": 1e-2, "ti_steps": 5, "rounds": 3, "num_adv_concepts": 3, "compositional_guidance_scale": 3.0,
-    "care_context": True, "initializer_token": "man", "images": Path("elsewhere"), "careset": Path("c.json"), "care_vocab": Path("w.txt"),
+    "initializer_token": "man", "images": Path("elsewhere"), "careset": Path("c.json"), "care_vocab": Path("w.txt"),
     "care_top_k": 5, "care_top_n": 6, "care_min_cluster_size": 3, "num_images": 9, "resolution": 64, "seed": 1,
     "prefix_steps": 1, "center_crop": True, "apg_eta": 0.5, "apg_norm_threshold": 1.0, "apg_momentum": 0.5,
     "clip_model": "ViT-B-16", "clip_pretrained": "laion2b", "checkpoint_every": 1, "save_pt": True,
@@ -43,7 +43,7 @@ OTHER = {
 # What each method's weights are computed from (recare-method.md, esd_diffusers.py, uce_sd_erase.py).
 ESD_READS = {"concepts", "erase_from", "train_method", "iterations", "negative_guidance", "stage1_lr", "resolution",
              "seed", "prefix_steps", "apg_eta", "apg_norm_threshold", "apg_momentum"}
-RECARE_READS = ESD_READS | {"concept_type", "stage2_lr", "care_context", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
+RECARE_READS = ESD_READS | {"concept_type", "stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
                             "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n",
                             "care_min_cluster_size", "num_images", "center_crop", "clip_model", "clip_pretrained"}
 # The concept's type picks UCE's default guide and its --uce-expand templates.
@@ -201,10 +201,6 @@ def _refused(request: EraseRequest) -> UsageError:
      "leave them out, or pass --method uce"),
     ({"method": "recare", "guide": ""}, "--preserve and --guide are options of --method uce, not recare",
      "leave them out, or pass --method uce"),
-    ({"method": "esd", "care_context": True}, "--care-context is an option of --method recare (its robust stage), "
-     "not esd", "leave it out, or pass --method recare"),
-    ({"method": "uce", "care_context": True}, "--care-context is an option of --method recare (its robust stage), "
-     "not uce", "leave it out, or pass --method recare"),
     ({"concepts": ["nudity", "Van Gogh"]}, "concepts erased together must share one type: nudity (object), "
      "Van Gogh (style)", "pass --type, or run them separately"),
 ])

@@ -21,7 +21,7 @@ from test_erase_cli import CARESET, inputs, load, same_tensors  # noqa: F401 - `
 SETTINGS = dict(train_method="xattn", iterations=1, stage1_lr=3e-5, stage2_lr=4e-5, ti_lr=6e-3, ti_steps=2,
                 negative_guidance=1.5, compositional_guidance_scale=2.5, apg_eta=0.7, apg_norm_threshold=0.3,
                 apg_momentum=0.2, resolution=64, prefix_steps=2, center_crop=True, seed=7, rounds=2,
-                num_adv_concepts=1, checkpoint_every=5, care_context=True)
+                num_adv_concepts=1, checkpoint_every=5)
 
 
 class Spy:
@@ -49,10 +49,10 @@ class Spy:
             self.calls[-1]["learned"] = learned.clone()
             return learned
 
-        def robust_erase_stage(models, trainable, erase_list, anchors, retains, settings, loop, care_context=False):
+        def robust_erase_stage(models, trainable, erase_list, anchors, retains, settings, loop):
             self._record("robust", models, trainable, loop, erase_list=list(erase_list), anchors=list(anchors),
-                         retains=list(retains), settings=settings, care_context=care_context)
-            real_robust(models, trainable, erase_list, anchors, retains, settings, loop, care_context=care_context)
+                         retains=list(retains), settings=settings)
+            real_robust(models, trainable, erase_list, anchors, retains, settings, loop)
             self.calls[-1]["exit"] = _clone(trainable)
 
         def make_tracker(*args):
@@ -87,8 +87,7 @@ def _request(inputs, out: Path, **changes):
     from recare_cli.erase.request import EraseRequest
 
     given = {"concepts": ["nudity"], "images": inputs["images"], "careset": inputs["careset"], "output_dir": out}
-    settings = {k: v for k, v in SETTINGS.items() if k != "care_context" or changes.get("method", "recare") == "recare"}
-    return EraseRequest(**{**given, **settings, **changes})
+    return EraseRequest(**{**given, **SETTINGS, **changes})
 
 
 def _run(request, spy=None):
@@ -137,7 +136,7 @@ def test_each_stage_gets_its_own_settings(wired, tiny_pipe):
     inversion = InversionSettings(steps=2, lr=6e-3, resolution=64, center_crop=True)
     assert spy.stage("erase-0")["settings"] == spy.stage("erase-1")["settings"] == stage1
     assert spy.stage("inversion-0")["settings"] == spy.stage("inversion-1")["settings"] == inversion
-    assert spy.stage("robust")["settings"] == stage2 and spy.stage("robust")["care_context"] is True
+    assert spy.stage("robust")["settings"] == stage2
 
     for call in spy.calls:  # each stage's loop: its own name and length, the run's seed and checkpoints
         assert call["total"] == (2 if call["kind"] == "inversion" else 1)

@@ -108,9 +108,8 @@ def test_every_unet_call_of_both_stages_gets_pooled_embeds_and_time_ids(xl_model
     settings = EraseSettings(iterations=1, lr=1e-4, resolution=64, prefix_steps=2)
     erase_stage(xl_models, trainable, ["a cat"], settings, StageLoop(tmp_path, "erase-0", 1, 0, 1000))
     robust_erase_stage(xl_models, trainable, ["a cat"], ["a dog"], ["a tree"], settings,
-                       StageLoop(tmp_path, "robust", 1, 0, 1000), care_context=True)
+                       StageLoop(tmp_path, "robust", 1, 0, 1000))
     assert len(calls) >= 6  # prefix, frozen and trained predictions of each stage
-    assert 3 in [batch for batch, _ in calls]  # --care-context: erase, retain and context prompts trained together
     for batch, added in calls:
         assert added["text_embeds"].shape == (batch, 48) and added["time_ids"].shape == (batch, 6)
         assert added["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]

@@ -39,11 +39,6 @@ def prompt_style_for(concept: str, type_name: str | None = None) -> str:
     return registry().concept_type(type_name).care_style
 
 
-def anchor_word(anchor: str) -> str:
-    """The CARE word of an anchor prompt: "A red" -> "red" (a prompt of another form is kept whole)."""
-    return anchor.split(" ", 1)[1] if anchor.startswith("A ") else anchor
-
-
 @dataclass
 class CareSet:
     anchor: list[str]  # "A {word}"
@@ -52,7 +47,7 @@ class CareSet:
 
     def words(self) -> list[str]:
         """The CARE words themselves: each anchor prompt without its "A "."""
-        return list(dict.fromkeys(anchor_word(a) for a in self.anchor))
+        return list(dict.fromkeys(a.split(" ", 1)[1] if a.startswith("A ") else a for a in self.anchor))
 
 
 def read_careset(path) -> CareSet:

@@ -69,10 +69,6 @@ def erase(
     compositional_guidance_scale: Annotated[float, typer.Option(
         help="S: erase concepts get -S, CARE anchors +S (one more than the intended scale).",
         rich_help_panel=STAGE2)] = 2.0,
-    care_context: Annotated[bool, typer.Option(
-        help="Beyond the paper: also train the prompt '<concept>, <CARE word>' towards the same target, so that "
-             "prompts naming the concept keep the CARE word's content (docs/fidelity.md).",
-        rich_help_panel=STAGE2)] = False,
     apg_eta: Annotated[float, typer.Option(help="APG: weight of the guidance part parallel to the prediction.",
                                            rich_help_panel=STAGE2)] = 1.0,
     apg_norm_threshold: Annotated[float, typer.Option(help="APG: clip guidance norms to this (0 = off).",
@@ -154,8 +150,7 @@ def erase(
         concepts=concept or [], erase_from=erase_from or [], method=method, concept_type=concept_type, train_method=train_method,
         iterations=iterations, negative_guidance=negative_guidance, stage1_lr=stage1_lr, stage2_lr=stage2_lr,
         ti_lr=ti_lr, ti_steps=ti_steps, rounds=rounds, num_adv_concepts=num_adv_concepts,
-        compositional_guidance_scale=compositional_guidance_scale, care_context=care_context,
-        initializer_token=initializer_token,
+        compositional_guidance_scale=compositional_guidance_scale, initializer_token=initializer_token,
         images=images, careset=careset, care_vocab=care_vocab, care_top_k=care_top_k,
         care_top_n=care_top_n, care_min_cluster_size=care_min_cluster_size, num_images=num_images, resolution=resolution, seed=seed,
         prefix_steps=prefix_steps, center_crop=center_crop, apg_eta=apg_eta,

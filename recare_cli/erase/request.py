@@ -30,7 +30,7 @@ NOT_HASHED = ("output_dir", "save_pt", "checkpoint_every", "report_to", "command
               "gradient_checkpointing")
 # What only ReCARE's inversion, CARE set and robust stage read: ESD's weights never depend on it,
 # so changing it must not send an ESD rerun to a new run directory.
-RECARE_ONLY = ("stage2_lr", "care_context", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
+RECARE_ONLY = ("stage2_lr", "ti_lr", "ti_steps", "rounds", "num_adv_concepts",
                "compositional_guidance_scale", "initializer_token", "care_top_k", "care_top_n", "care_min_cluster_size", "num_images",
                "center_crop", "clip_model", "clip_pretrained")
 # ESD trains on the prompts alone; the concept's type picks ReCARE's CARE-set prompts and UCE's guide and templates.
@@ -62,7 +62,6 @@ class EraseRequest:
     rounds: int = 2
     num_adv_concepts: int = 2
     compositional_guidance_scale: float = 2.0
-    care_context: bool = False  # beyond the paper: stage 2 also trains "{concept}, {CARE word}" (stage2.py)
     initializer_token: str | None = None
     images: Path | None = None
     careset: Path | None = None
@@ -139,9 +138,6 @@ def check_request(request: EraseRequest) -> list[ConceptPlan]:
     elif request.preserve or request.guide is not None:
         raise UsageError(f"--preserve and --guide are options of --method uce, not {request.method}",
                          hint="leave them out, or pass --method uce")
-    if request.care_context and request.method != "recare":
-        raise UsageError(f"--care-context is an option of --method recare (its robust stage), not {request.method}",
-                         hint="leave it out, or pass --method recare")
     plans = [plan_concept(c, request.concept_type, request.initializer_token) for c in dict.fromkeys(request.concepts)]
     if len({p.concept_type for p in plans}) > 1:
         listed = ", ".join(f"{p.concept} ({p.concept_type})" for p in plans)
@@ -202,8 +198,6 @@ def run_hash(request: EraseRequest, model: dict, dtype: str, hashes: dict) -> st
         ignored += tuple(f for f in NOT_UCE + RECARE_ONLY if not (uses_careset(request) and f in CARESET_INPUTS))
     else:
         ignored += UCE_ONLY
-    if not request.care_context:  # newer than 0.1: a run without it keeps the directory earlier versions gave it
-        ignored += ("care_context",)
     hashed = {k: v for k, v in parameters(request).items() if k not in ignored}
     payload = {"parameters": hashed, "model": [model["model"], model["revision"]],
                "dtype": dtype, "inputs": hashes}

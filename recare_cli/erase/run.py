@@ -308,8 +308,7 @@ def _train(request, plans, models, images_dirs, run_dir: Path, stages: Stages, r
                                  request.resolution, request.prefix_steps, knobs)
         with stages.stage(name, request.iterations) as task:
             stage_loop = loop(name, request.iterations, task)
-            robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop,
-                               care_context=request.care_context)
+            robust_erase_stage(models, trainable, erase_list, careset.anchor, careset.retain, settings, stage_loop)
             stage_loop.save_stage(done, trainable)
     tracker.close()
     return tokens

@@ -4,15 +4,6 @@ Starts from the original UNet; the text encoder holds the learned tokens. Each i
 e_i towards the compositional target over every erase concept (scale -S) and the anchor a_i
 (scale +S), while keeping the retain prompt r_i's prediction unchanged. Every frozen prediction
 shares one latent and one timestep, so they run as one batched forward; both trained ones too.
-
-`--care-context` (beyond the paper; docs/fidelity.md) adds a third trained prompt that names e_i
-and a_i's CARE word together, regressed on the anchor's frozen prediction: the method alone never
-trains a prompt that names both, and on the toy the erased model then loses the CARE word with the
-concept ("a red star" stops being red). Not on the erase target: its -(S+1) share of the erase
-concepts outweighs the anchor's +(S-1), and where the word co-occurs with the concept (night with
-star) that taught every prompt naming the word to draw its opposite (measured: docs/frontier.md).
-The prompt is a comma list, not a sentence, so that no phrasing of a caption or an evaluation
-prompt is trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recare_cli.careset.file import anchor_word
 from recare_cli.erase.context import EraseModels, snapshot
 from recare_cli.erase.denoise import draw_training_latent
 from recare_cli.erase.guidance import MomentumBuffer, compositional_target
@@ -29,11 +19,6 @@ from recare_cli.erase.loop import StageLoop
 from recare_cli.erase.stage1 import EraseSettings
 
 RETAIN_WEIGHT = 1.0  # lambda
-CONTEXT_PROMPT = "{concept}, {word}"  # --care-context's trained prompt: the concept, then the anchor's CARE word
-
-
-def context_prompt(erase_prompt: str, anchor: str) -> str:
-    return CONTEXT_PROMPT.format(concept=erase_prompt, word=anchor_word(anchor))
 
 
 def balanced_schedule(items: list[str], iterations: int, rng: np.random.Generator) -> list[str]:
@@ -47,8 +32,8 @@ def balanced_schedule(items: list[str], iterations: int, rng: np.random.Generato
 
 
 def robust_erase_stage(models: EraseModels, trainable: dict, erase: list[str], anchors: list[str],
-                       retains: list[str], settings: EraseSettings, loop: StageLoop, care_context: bool = False) -> None:
-    """Train `trainable` in place; `settings.guidance_scale` is S; `care_context`: --care-context."""
+                       retains: list[str], settings: EraseSettings, loop: StageLoop) -> None:
+    """Train `trainable` in place; `settings.guidance_scale` is S."""
     frozen = snapshot(trainable)
     optimizer = torch.optim.AdamW(trainable.values(), lr=settings.lr)
     scale = settings.guidance_scale
@@ -78,17 +63,12 @@ def robust_erase_stage(models: EraseModels, trainable: dict, erase: list[str], a
             )
 
         optimizer.zero_grad(set_to_none=True)
-        trained_prompts = [retain_prompt] + ([context_prompt(erase_prompt, anchor_prompt)] if care_context else [])
-        embeds_trained = torch.cat([embeds_e, models.embed(trained_prompts)])
-        eps_theta = models.eps(latents_k.expand(len(embeds_trained), -1, -1, -1), t, embeds_trained)
-        erase_loss = F.mse_loss(eps_theta[:1], eps_target)
-        retain_loss = F.mse_loss(eps_theta[1:2], eps_retain_frozen)
+        eps_theta_erase, eps_theta_retain = models.eps(
+            latents_k.expand(2, -1, -1, -1), t, torch.cat([embeds_e, models.embed([retain_prompt])])).chunk(2)
+        erase_loss = F.mse_loss(eps_theta_erase, eps_target)
+        retain_loss = F.mse_loss(eps_theta_retain, eps_retain_frozen)
         loss = erase_loss + RETAIN_WEIGHT * retain_loss
-        losses = {"erase_loss": erase_loss, "retain_loss": retain_loss}
-        if care_context:
-            losses["context_loss"] = F.mse_loss(eps_theta[2:], eps_anchor)
-            loss = loss + losses["context_loss"]
         loss.backward()
         optimizer.step()
-        loop.step_done(step, loss=loss, **losses)
+        loop.step_done(step, loss=loss, erase_loss=erase_loss, retain_loss=retain_loss)
     models.unet.eval()

@@ -1,18 +1,21 @@
-"""`--care-context` against the faithful robust stage on the toy defaults (a benchmark, not a test).
+"""The toy defaults from fresh runs, over three seeds (a benchmark, not a test).
 
-For both ReCARE variants (exact, `--prefix-steps 10`) and three training seeds: the toy default run
-(`recare erase --model toy --concept star [--prefix-steps 10] --seed S`), and the same run with
-`--care-context`, which starts from the default run's stage 1, images and CARE set (they do not
-read the flag) and trains only the robust stage. Both are measured as bench/toy_frontier.py
-measures (its prompts, its summary, issue 19's goals), with --samples images a prompt. None of the
-measured prompts is a training prompt: `--care-context` trains "star, red", the measurement asks
-"a red star". Everything is kept under --runs and reused, so it resumes:
+For both ReCARE variants (exact, `--prefix-steps 10`) and seeds 42-44: the toy default run,
+trained from scratch as `recare erase --model toy --concept star [--prefix-steps 10] --seed S`
+trains it (bench/toy_defaults_sweep.py's 128-image runs took their first erase from the seed's
+64-image run), measured as bench/toy_frontier.py measures (its prompts, its summary, issue 19's
+goals) with --samples images a prompt. `--stage2-lrs` adds robust-only runs at other rates, which
+reuse the default run's stage 1, images and CARE set. Everything is kept under --runs and reused,
+so it resumes:
 
-    python bench/toy_care_context.py --phase train --variant p10 &     # one process per variant
-    python bench/toy_care_context.py --phase train --variant exact &
-    python bench/toy_care_context.py --phase measure --until 13:30      # beside them, one or two
-    python bench/toy_care_context.py --phase report
-    python bench/toy_care_context.py --phase train --variant p10 --stage2-lrs 2e-4   # and measure/report with it
+    python bench/toy_fresh_defaults.py --phase train --variant p10 &     # one process per variant
+    python bench/toy_fresh_defaults.py --phase train --variant exact &
+    python bench/toy_fresh_defaults.py --phase measure --until 13:30      # beside them, one or two
+    python bench/toy_fresh_defaults.py --phase report
+    python bench/toy_fresh_defaults.py --phase train --variant p10 --stage2-lrs 2e-4   # and measure/report with it
+
+Until 2026-12-01 it was bench/toy_care_context.py (commit ed9746f), which also trained each run
+with `--care-context`, an option that was measured there and removed (docs/frontier.md).
 """
 
 from __future__ import annotations
@@ -30,28 +33,22 @@ from toy_defaults_sweep import goals
 
 VARIANTS = ("p10", "exact")
 SEEDS = (42, 43, 44)
-KINDS = ("faithful", "care-context")
 
 
-def run_name(kind: str, variant: str, seed: int, lr: float | None = None) -> str:
+def run_name(variant: str, seed: int, lr: float | None = None) -> str:
     """`lr`: another robust-stage rate than the toy default (a robust-only run from the default run)."""
-    return f"{'default' if kind == 'faithful' else 'ctx'}-{variant}-s{seed}" + (f"-lr{lr:g}" if lr else "")
+    return f"default-{variant}-s{seed}" + (f"-lr{lr:g}" if lr else "")
 
 
-def train_variant(runs: Path, variant: str, reporter, kinds: tuple[str, ...], seeds: tuple[int, ...] = SEEDS,
-                  lrs: tuple[float, ...] = ()) -> None:
+def train_variant(runs: Path, variant: str, reporter, seeds: tuple[int, ...] = SEEDS, lrs: tuple[float, ...] = ()) -> None:
     from recare_cli.presets import MODEL_DEFAULTS
 
-    images, default_lr = MODEL_DEFAULTS["toy"]["num_images"], MODEL_DEFAULTS["toy"]["stage2_lr"]
+    images = MODEL_DEFAULTS["toy"]["num_images"]
     for seed in seeds:
-        default = run_name("faithful", variant, seed)
+        default = run_name(variant, seed)
         tf.train(default, tf.recare_settings(variant, images) | {"seed": seed}, runs, reporter)
-        for lr in (default_lr, *lrs):
-            for kind in kinds:
-                name = run_name(kind, variant, seed, None if lr == default_lr else lr)
-                if name != default:
-                    tf.train(name, {}, runs, reporter, robust_from=default, robust_lr=lr,
-                             robust_options={"care_context": kind == "care-context"})
+        for lr in lrs:
+            tf.train(run_name(variant, seed, lr), {}, runs, reporter, robust_from=default, robust_lr=lr)
 
 
 def models(runs: Path, lrs: tuple[float, ...] = ()) -> list[dict]:
@@ -59,10 +56,8 @@ def models(runs: Path, lrs: tuple[float, ...] = ()) -> list[dict]:
     for lr in (None, *lrs):
         for seed in SEEDS:
             for variant in VARIANTS:
-                for kind in KINDS:
-                    run = runs / run_name(kind, variant, seed, lr)
-                    out.append({"name": run.name, "kind": kind, "variant": variant, "seed": seed, "run": run,
-                                "tokens": run, "lr": lr})
+                run = runs / run_name(variant, seed, lr)
+                out.append({"name": run.name, "variant": variant, "seed": seed, "run": run, "tokens": run, "lr": lr})
     return out
 
 
@@ -86,12 +81,12 @@ def measure_all(args, reporter) -> None:
         reporter.info(f"measure {model['name']}")
         # Each run's own CARE set decides which words count as CARE concepts; the base model is
         # measured with the first default run's (summarise regroups by each run's own set).
-        care = tf.care_words_of(model["run"] or args.runs / run_name("faithful", "p10", 42))
+        care = tf.care_words_of(model["run"] or args.runs / run_name("p10", 42))
         if care is None:
             if not tf.wait_or_stop(args.until):
                 return
             continue
-        tokens = (model.get("tokens") or args.runs / run_name("faithful", "p10", 42)) / "tokens.safetensors"
+        tokens = (model.get("tokens") or args.runs / run_name("p10", 42)) / "tokens.safetensors"
         measuring.measure(model, care, tokens if tokens.is_file() else None, args, out, care=care,
                           train_seconds=tf.seconds(model) if model["run"] else None)
 
@@ -107,16 +102,16 @@ def report(args) -> str:
 
     lines = [f"{args.samples} images per prompt, {args.steps} DDIM steps, guidance {args.guidance}. Kept: sum of "
              "rates over the base's (lowest single prompt); CARE with star: the CARE concepts on the prompts that "
-             "name the star. Goals met: of issue 19's four goals (docs/frontier.md).", "",
-             "| variant | robust stage | seed | target common | target rare | CARE kept | CARE with star | unrelated kept | "
+             "name the star. Goals met: of issue 19's four goals (docs/frontier.md). Stage-2 lr: default = the toy's.", "",
+             "| variant | stage-2 lr | seed | target common | target rare | CARE kept | CARE with star | unrelated kept | "
              "night (own) | night (with star) | adversarial | training | goals met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     means: dict = {}
-    for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["lr"] or 0, e[0]["kind"], e[0]["seed"])):
+    for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["lr"] or 0, e[0]["seed"])):
         p = frontier_summary.summarise(entry, base, entry["care"])
         met = goals(p)
         seconds = entry.get("train_seconds")
-        kind = model["kind"] + (f", stage-2 lr {model['lr']:g}" if model["lr"] else "")
+        kind = f"{model['lr']:g}" if model["lr"] else "default"
         lines.append(f"| {model['variant']} | {kind} | {model['seed']} | {p['target_common']:.0f}% | "
                      f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['care_kept_with_target'])} | "
                      f"{pair(p['unrelated_kept'])} | {pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
@@ -130,25 +125,23 @@ def report(args) -> str:
                            ("carew", p["care_kept_with_target"][0]), ("unrel", p["unrelated_kept"][0])):
             m[key] += value
     lines += ["", "Means over the seeds measured:", "",
-              "| variant | robust stage | seeds | target common | target rare | CARE kept | CARE with star | "
+              "| variant | stage-2 lr | seeds | target common | target rare | CARE kept | CARE with star | "
               "unrelated kept | goals met (of 4 a seed) | seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, kind), m in sorted(means.items()):
         n = m["n"]
         lines.append(f"| {variant} | {kind} | {n} | {m['tc'] / n:.0f}% | {m['tr'] / n:.0f}% | {m['care'] / n:.0f}% | "
                      f"{m['carew'] / n:.0f}% | {m['unrel'] / n:.0f}% | {m['goals']} of {4 * n} | {m['all']} of {n} |")
-    care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values()
-                 if m["kind"] == "faithful" and not m["lr"]}
-    lines += ["", "CARE sets (both robust stages of a seed share it):", "", "| variant | seed | CARE set |", "|---|---|---|"]
+    care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values() if not m["lr"]}
+    lines += ["", "CARE sets (a seed's runs at other rates share its default run's):", "", "| variant | seed | CARE set |", "|---|---|---|"]
     lines += [f"| {v} | {seed} | {words} |" for (v, seed), words in sorted(care_sets.items())]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=Path("bench-runs/care-context"), help="erase runs and measurements")
+    parser.add_argument("--runs", type=Path, default=Path("bench-runs/fresh-defaults"), help="erase runs and measurements")
     parser.add_argument("--phase", choices=("train", "measure", "report"), required=True)
     parser.add_argument("--variant", choices=VARIANTS, help="train: this variant only (default: both, in turn)")
-    parser.add_argument("--faithful-only", action="store_true", help="train: only the default runs")
     parser.add_argument("--stage2-lrs", default="", help="robust-stage rates besides the toy default, comma-separated")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="train: these seeds only (comma-separated)")
     parser.add_argument("--samples", type=int, default=16, help="images per prompt")
@@ -165,9 +158,8 @@ def main(argv=None) -> int:
     reporter = Reporter(HUMAN)
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.phase == "train":
-        kinds = ("faithful",) if args.faithful_only else KINDS
         for variant in [args.variant] if args.variant else VARIANTS:
-            train_variant(args.runs, variant, reporter, kinds, tuple(int(x) for x in args.seeds.split(",")), args.stage2_lrs)
+            train_variant(args.runs, variant, reporter, tuple(int(x) for x in args.seeds.split(",")), args.stage2_lrs)
     if args.phase == "measure":
         measure_all(args, reporter)
     if args.phase == "report":
