@@ -57,7 +57,7 @@ def models(runs: Path, lrs: tuple[float, ...] = ()) -> list[dict]:
         for seed in SEEDS:
             for variant in VARIANTS:
                 run = runs / run_name(variant, seed, lr)
-                out.append({"name": run.name, "variant": variant, "seed": seed, "run": run, "tokens": run, "lr": lr})
+                out.append({"name": run.name, "variant": variant, "seed": seed, "run": run, "lr": lr})
     return out
 
 
@@ -72,21 +72,18 @@ def measure_all(args, reporter) -> None:
     out = measurements_dir(args)
     out.mkdir(exist_ok=True)
     while not tf.past(args.until):
-        ready = [m for m in models(args.runs, args.stage2_lrs) if m["run"] is None or tf.finished(m["run"])]
+        # Each run's own CARE set decides which words count as CARE concepts; the base model is
+        # measured with the first default run's (summarise regroups by each run's own set), and its tokens.
+        first = args.runs / run_name("p10", 42)
+        ready = [m for m in models(args.runs, args.stage2_lrs) if tf.finished(m["run"] or first)]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
             if not tf.wait_or_stop(args.until):
                 return
             continue
         reporter.info(f"measure {model['name']}")
-        # Each run's own CARE set decides which words count as CARE concepts; the base model is
-        # measured with the first default run's (summarise regroups by each run's own set).
-        care = tf.care_words_of(model["run"] or args.runs / run_name("p10", 42))
-        if care is None:
-            if not tf.wait_or_stop(args.until):
-                return
-            continue
-        tokens = (model.get("tokens") or args.runs / run_name("p10", 42)) / "tokens.safetensors"
+        care = tf.care_words_of(model["run"] or first)
+        tokens = (model["run"] or first) / "tokens.safetensors"
         measuring.measure(model, care, tokens if tokens.is_file() else None, args, out, care=care,
                           train_seconds=tf.seconds(model) if model["run"] else None)
 
