@@ -71,10 +71,10 @@ def measure_all(args, reporter) -> None:
     measuring = Measuring.load()
     out = measurements_dir(args)
     out.mkdir(exist_ok=True)
+    # Each run's own CARE set decides which words count as CARE concepts; the base model is measured
+    # with the first default run's (summarise regroups by each run's own set), and its tokens.
+    first = args.runs / run_name("p10", 42)
     while not tf.past(args.until):
-        # Each run's own CARE set decides which words count as CARE concepts; the base model is
-        # measured with the first default run's (summarise regroups by each run's own set), and its tokens.
-        first = args.runs / run_name("p10", 42)
         ready = [m for m in models(args.runs, args.stage2_lrs) if tf.finished(m["run"] or first)]
         model = next((m for m in ready if tf.claim(out, m["name"])), None)
         if model is None:
@@ -82,10 +82,9 @@ def measure_all(args, reporter) -> None:
                 return
             continue
         reporter.info(f"measure {model['name']}")
-        care = tf.care_words_of(model["run"] or first)
-        tokens = (model["run"] or first) / "tokens.safetensors"
-        measuring.measure(model, care, tokens if tokens.is_file() else None, args, out, care=care,
-                          train_seconds=tf.seconds(model) if model["run"] else None)
+        run = model["run"] or first
+        care = tf.care_words_of(run)
+        measuring.measure(model, care, run / "tokens.safetensors", args, out, care=care, train_seconds=tf.seconds(model))
 
 
 def report(args) -> str:
@@ -103,31 +102,31 @@ def report(args) -> str:
              "| variant | stage-2 lr | seed | target common | target rare | CARE kept | CARE with star | unrelated kept | "
              "night (own) | night (with star) | adversarial | training | goals met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    means: dict = {}
+    groups: dict = {}
     for model, entry in sorted(entries.values(), key=lambda e: (e[0]["variant"], e[0]["lr"] or 0, e[0]["seed"])):
         p = frontier_summary.summarise(entry, base, entry["care"])
         met = goals(p)
         seconds = entry.get("train_seconds")
-        kind = f"{model['lr']:g}" if model["lr"] else "default"
-        lines.append(f"| {model['variant']} | {kind} | {model['seed']} | {p['target_common']:.0f}% | "
+        rate = f"{model['lr']:g}" if model["lr"] else "default"
+        lines.append(f"| {model['variant']} | {rate} | {model['seed']} | {p['target_common']:.0f}% | "
                      f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['care_kept_with_target'])} | "
                      f"{pair(p['unrelated_kept'])} | {pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
                      f"{p['adversarial']:.0f}% | {'–' if seconds is None else f'{seconds:.0f} s'} | {sum(met.values())}/4 |")
-        m = means.setdefault((model["variant"], kind), {"n": 0, "all": 0, "tc": 0.0, "tr": 0.0, "care": 0.0,
-                                                                   "carew": 0.0, "unrel": 0.0, "goals": 0})
-        m["n"] += 1
-        m["all"] += all(met.values())
-        m["goals"] += sum(met.values())
-        for key, value in (("tc", p["target_common"]), ("tr", p["target_rare"]), ("care", p["care_kept"][0]),
-                           ("carew", p["care_kept_with_target"][0]), ("unrel", p["unrelated_kept"][0])):
-            m[key] += value
+        groups.setdefault((model["variant"], rate), []).append((p, met))
     lines += ["", "Means over the seeds measured:", "",
               "| variant | stage-2 lr | seeds | target common | target rare | CARE kept | CARE with star | "
               "unrelated kept | goals met (of 4 a seed) | seeds meeting every goal |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (variant, kind), m in sorted(means.items()):
-        n = m["n"]
-        lines.append(f"| {variant} | {kind} | {n} | {m['tc'] / n:.0f}% | {m['tr'] / n:.0f}% | {m['care'] / n:.0f}% | "
-                     f"{m['carew'] / n:.0f}% | {m['unrel'] / n:.0f}% | {m['goals']} of {4 * n} | {m['all']} of {n} |")
+    for (variant, rate), points in sorted(groups.items()):
+        n = len(points)
+
+        def mean(figure):
+            return sum(figure(p) for p, _ in points) / n
+
+        lines.append(f"| {variant} | {rate} | {n} | {mean(lambda p: p['target_common']):.0f}% | "
+                     f"{mean(lambda p: p['target_rare']):.0f}% | {mean(lambda p: p['care_kept'][0]):.0f}% | "
+                     f"{mean(lambda p: p['care_kept_with_target'][0]):.0f}% | {mean(lambda p: p['unrelated_kept'][0]):.0f}% | "
+                     f"{sum(sum(met.values()) for _, met in points)} of {4 * n} | "
+                     f"{sum(all(met.values()) for _, met in points)} of {n} |")
     care_sets = {(m["variant"], m["seed"]): ", ".join(e["care"]) for m, e in entries.values() if not m["lr"]}
     lines += ["", "CARE sets (a seed's runs at other rates share its default run's):", "", "| variant | seed | CARE set |", "|---|---|---|"]
     lines += [f"| {v} | {seed} | {words} |" for (v, seed), words in sorted(care_sets.items())]

@@ -98,7 +98,7 @@ def finished(run_dir: Path) -> bool:
 
 def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str | None = None,
           checkpoint_every: int = 100, robust_from: str | None = None, robust_lr: float | None = None,
-          stage1_from: str | None = None, robust_options: dict | None = None):
+          stage1_from: str | None = None):
     from recare_cli.erase.run import EraseRequest, run_erase
     from recare_cli.models import Runtime
     from recare_cli.presets import with_model_defaults
@@ -119,7 +119,7 @@ def train(name: str, settings: dict, runs: Path, reporter, snapshot_stage: str |
         ref = Ref(ref_dir, json.loads((ref_dir / "recare-run.json").read_text())["stages"])
         from dataclasses import replace
         # Straight into its own directory: two processes may seed robust-only runs at once.
-        request = toy_lr_sweep.robust_only_request(ref, robust_lr, runs, output_dir=run_dir, **(robust_options or {}))
+        request = toy_lr_sweep.robust_only_request(ref, robust_lr, runs, output_dir=run_dir)
         request = replace(request, checkpoint_every=checkpoint_every)
     else:
         request = with_model_defaults(EraseRequest(concepts=[CONCEPT], output_dir=run_dir, checkpoint_every=checkpoint_every,

@@ -40,9 +40,9 @@ def seed_run_dir(request, reference: Path, runtime, stages: list[str]) -> None:
                                             "stages": {stage: records[stage] for stage in stages}}))
 
 
-def robust_only_request(reference, lr: float, runs: Path, output_dir: Path | None = None, **changes):
-    """The reference run's request with another stage-2 rate (and any other `changes` only the
-    robust stage reads), in a run directory (default: named by concept and rate) seeded with its stage 1."""
+def robust_only_request(reference, lr: float, runs: Path, output_dir: Path | None = None):
+    """The reference run's request with another stage-2 rate, in a run directory (default: named by
+    concept and rate) seeded with its stage 1."""
     from dataclasses import replace
 
     from recare_cli.erase.inputs import CARESET_FILE, IMAGES_DIR
@@ -52,7 +52,7 @@ def robust_only_request(reference, lr: float, runs: Path, output_dir: Path | Non
     params = json.loads((reference.run_dir / MANIFEST).read_text())["parameters"]
     request = EraseRequest(**{k: v for k, v in params.items() if k not in ("output_dir",)})
     output_dir = output_dir or runs / f"{'-'.join(request.concepts)}-stage2-lr{lr:g}"
-    request = replace(request, stage2_lr=lr, **changes, output_dir=output_dir,
+    request = replace(request, stage2_lr=lr, output_dir=output_dir,
                       images=reference.run_dir / IMAGES_DIR / request.concepts[0],
                       careset=reference.run_dir / CARESET_FILE)
     if not request.output_dir.exists():
