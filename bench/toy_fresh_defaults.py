@@ -139,7 +139,7 @@ def report(args) -> str:
                      f"{mean(lambda p: p['care_kept_with_target'][0]):.0f}% | {mean(lambda p: p['unrelated_kept'][0]):.0f}% | "
                      f"{sum(sum(met.values()) for _, met in points)} of {4 * n} | "
                      f"{sum(all(met.values()) for _, met in points)} of {n} |")
-    # Runs at another stage-1 rate build their own CARE set (from the seed's own images, so the same one).
+    # Runs at another stage-1 rate build their own CARE set, from images made with the same seed.
     care_sets = {(m["variant"], f"{m['stage1_lr'] or 'default'}", m["seed"]): ", ".join(e["care"])
                  for m, e in entries.values() if not m["lr"]}
     lines += ["", "CARE sets (a seed's runs at other stage-2 rates share its default run's):", "",
