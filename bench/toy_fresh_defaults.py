@@ -37,6 +37,10 @@ VARIANTS = ("p10", "exact")
 SEEDS = (42, 43, 44)
 
 
+def rate_label(rate: float | None) -> str:
+    return f"{rate:g}" if rate else "default"
+
+
 def run_name(variant: str, seed: int, lr: float | None = None, stage1_lr: float | None = None) -> str:
     """`lr`: another robust-stage rate than the toy default (a robust-only run from the default run);
     `stage1_lr`: another stage-1 rate (a whole run from scratch)."""
@@ -118,8 +122,7 @@ def report(args) -> str:
         p = frontier_summary.summarise(entry, base, entry["care"])
         met = goals(p)
         seconds = entry.get("train_seconds")
-        rate = f"{model['lr']:g}" if model["lr"] else "default"
-        stage1 = f"{model['stage1_lr']:g}" if model["stage1_lr"] else "default"
+        rate, stage1 = rate_label(model["lr"]), rate_label(model["stage1_lr"])
         lines.append(f"| {model['variant']} | {stage1} | {rate} | {model['seed']} | {p['target_common']:.0f}% | "
                      f"{p['target_rare']:.0f}% | {pair(p['care_kept'])} | {pair(p['care_kept_with_target'])} | "
                      f"{pair(p['unrelated_kept'])} | {pair(p['night_without_target'])} | {pair(p['night_with_target'])} | "
@@ -140,7 +143,7 @@ def report(args) -> str:
                      f"{sum(sum(met.values()) for _, met in points)} of {4 * n} | "
                      f"{sum(all(met.values()) for _, met in points)} of {n} |")
     # Runs at another stage-1 rate build their own CARE set, from images made with the same seed.
-    care_sets = {(m["variant"], f"{m['stage1_lr'] or 'default'}", m["seed"]): ", ".join(e["care"])
+    care_sets = {(m["variant"], rate_label(m["stage1_lr"]), m["seed"]): ", ".join(e["care"])
                  for m, e in entries.values() if not m["lr"]}
     lines += ["", "CARE sets (a seed's runs at other stage-2 rates share its default run's):", "",
               "| variant | stage-1 lr | seed | CARE set |", "|---|---|---|---|"]
